@@ -1,0 +1,21 @@
+# Set-up, demo, tests and benchmarks. Every target sets up .venv first (fast when already done).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test lint bench clean
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	$(VENV)/bin/lvmmed demo --out outputs/demo
+
+test: setup
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q
+
+bench: setup
+	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf outputs .pytest_cache .ruff_cache

@@ -1,0 +1,96 @@
+"""LVM-Med ResNet-50: MONAI's ``ResNetFeatures`` (torchvision key layout) as a FlexibleUNet backbone."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from monai.networks.blocks import BaseEncoder
+from monai.networks.nets import ResNetFeatures
+
+from lvmmed_monai.weights import LoadReport, load_weights, resolve_weights
+
+__all__ = ["LVMMedResNet50", "IMAGENET_MEAN", "IMAGENET_STD"]
+
+# LVM-Med's ResNet-50 examples feed RGB in [0, 1] normalised with ImageNet statistics.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class LVMMedResNet50(ResNetFeatures, BaseEncoder):
+    """ResNet-50 encoder in the layout of the released ``lvmmed_resnet.torch``.
+
+    MONAI's ``ResNetFeatures("resnet50", spatial_dims=2)`` has exactly torchvision's key names (318 tensors
+    without ``fc``) and its features, so the official file loads strictly. ``forward`` returns the five
+    feature maps FlexibleUNet expects, strides 2, 4, 8, 16, 32 with 64, 256, 512, 1024, 2048 channels;
+    :meth:`feature_map` returns the last one (what the SSL projector and classifiers pool).
+
+    Args:
+        in_channels: input channels; 1 sums the RGB kernels of conv1 (exactly the response to the grey
+            image replicated to RGB), other counts follow timm's ``adapt_input_conv`` (see
+            :func:`lvmmed_monai.weights.adapt_in_channels`).
+        weights: a checkpoint path, an explicit URL / ``hf://`` address, or a state dict; None = random init.
+        spatial_dims: must be 2 (LVM-Med is a 2D model; use the hybrid backbone for volumes).
+        pretrained: FlexibleUNet's flag; True without ``weights`` is an error, weights are never implicit.
+        strict: raise :class:`~lvmmed_monai.weights.CheckpointMismatchError` on any key/shape mismatch.
+    """
+
+    weights_layout = "torchvision_resnet50"
+    first_conv_key = "conv1.weight"
+    feature_dim = 2048
+    feature_stride = 32
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        weights: str | os.PathLike | Mapping[str, Any] | None = None,
+        spatial_dims: int = 2,
+        pretrained: bool = False,
+        strict: bool = True,
+    ) -> None:
+        if spatial_dims != 2:
+            raise ValueError(
+                f"LVM-Med ResNet-50 is a 2D encoder, got spatial_dims={spatial_dims}; run volumes slice by slice "
+                "(monai.inferers.SliceInferer) or use lvmmed_monai.networks.hybrid for 3D context."
+            )
+        if in_channels < 1:
+            raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+        super().__init__("resnet50", pretrained=False, spatial_dims=2, in_channels=in_channels)
+        self.load_report: LoadReport | None = None
+        if weights is not None:
+            self.load_weights(weights, strict=strict)
+        elif pretrained:
+            raise ValueError(
+                "pretrained=True needs a weights file: LVM-Med weights are never downloaded implicitly. Build "
+                "lvmmed_monai.networks.LVMMedFlexibleUNet(..., weights=PATH) or call encoder.load_weights(PATH)."
+            )
+
+    def load_weights(self, weights: str | os.PathLike | Mapping[str, Any], strict: bool = True) -> LoadReport:
+        """Load a checkpoint (any accepted layout/wrapper) and keep the report in ``self.load_report``."""
+        source = weights if isinstance(weights, Mapping) else resolve_weights(weights)
+        self.load_report = load_weights(self, source, strict=strict)
+        return self.load_report
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, C, H, W)`` -> last stage ``(N, 2048, H/32, W/32)``, without computing the list of skips."""
+        x = self.act(self.bn1(self.conv1(x)))
+        x = self.maxpool(x)
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    @classmethod
+    def get_encoder_parameters(cls) -> list[dict]:
+        return [{"in_channels": 3, "spatial_dims": 2, "pretrained": False, "weights": None}]
+
+    @classmethod
+    def num_channels_per_output(cls) -> list[tuple[int, ...]]:
+        return [(64, 256, 512, 1024, 2048)]
+
+    @classmethod
+    def num_outputs(cls) -> list[int]:
+        return [5]
+
+    @classmethod
+    def get_encoder_names(cls) -> list[str]:
+        return ["lvmmed_resnet50"]

@@ -1,0 +1,100 @@
+"""LVM-Med ViT-B: the SAM image encoder, built on timm's ``VisionTransformerSAM``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from timm.models.vision_transformer_sam import VisionTransformerSAM
+
+from lvmmed_monai.weights import LoadReport, load_weights, resolve_weights
+
+__all__ = ["LVMMedViTB", "SAM_PIXEL_MEAN", "SAM_PIXEL_STD"]
+
+# SAM (and LVM-Med's ViT) normalise 0..255 RGB with these; for [0, 1] inputs divide both by 255.
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+class LVMMedViTB(VisionTransformerSAM):
+    """ViT-B/16 SAM image encoder (embed 768, depth 12, 12 heads, window 14, global blocks 2, 5, 8, 11).
+
+    timm's ``samvit_base_patch16`` is the same network as SAM's ``ImageEncoderViT``; the official
+    ``lvmmed_vit.pth`` (SAM keys) is converted to timm keys on load, and ``pos_embed`` and the global
+    blocks' relative-position tables are resized to ``img_size`` (any multiple of 16). At run time
+    timm also resamples both for inputs of another size, so ``img_size`` only sets the stored tables.
+
+    Outputs: ``forward`` = SAM's neck, ``(N, 256, H/16, W/16)``; :meth:`feature_map` = the last block,
+    ``(N, 768, H/16, W/16)`` (LVM-Med's SSL and classifiers pool it); :meth:`intermediates` = the blocks in
+    ``out_indices`` for UNETR-style decoders. Inputs: RGB normalised with :data:`SAM_PIXEL_MEAN` /
+    :data:`SAM_PIXEL_STD` (on a 0..255 scale); ``in_channels=1`` sums the patch-embedding kernels over RGB.
+    """
+
+    weights_layout = "timm_samvit_b"
+    first_conv_key = "patch_embed.proj.weight"
+    feature_dim = 768
+    feature_stride = 16
+
+    def __init__(
+        self,
+        img_size: int = 1024,
+        in_channels: int = 3,
+        weights: str | os.PathLike | Mapping[str, Any] | None = None,
+        out_indices: Sequence[int] = (2, 5, 8, 11),
+        drop_path_rate: float = 0.0,
+        strict: bool = True,
+    ) -> None:
+        if img_size % 16 or img_size < 16:
+            raise ValueError(f"img_size must be a positive multiple of the patch size 16, got {img_size}")
+        if in_channels < 1:
+            raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+        super().__init__(
+            img_size=img_size,
+            patch_size=16,
+            in_chans=in_channels,
+            embed_dim=768,
+            depth=12,
+            num_heads=12,
+            global_attn_indexes=(2, 5, 8, 11),
+            window_size=14,
+            use_rel_pos=True,
+            num_classes=0,
+            drop_path_rate=drop_path_rate,
+        )
+        bad = [i for i in out_indices if not 0 <= i < 12]
+        if bad:
+            raise ValueError(f"out_indices must be block indices in 0..11, got {list(out_indices)}")
+        self.out_indices = tuple(out_indices)
+        self.load_report: LoadReport | None = None
+        if weights is not None:
+            self.load_weights(weights, strict=strict)
+
+    def load_weights(self, weights: str | os.PathLike | Mapping[str, Any], strict: bool = True) -> LoadReport:
+        """Load a SAM- or timm-layout checkpoint and keep the report in ``self.load_report``."""
+        source = weights if isinstance(weights, Mapping) else resolve_weights(weights)
+        self.load_report = load_weights(self, source, strict=strict)
+        return self.load_report
+
+    def _check(self, x: torch.Tensor) -> None:
+        if x.ndim != 4 or x.shape[1] != self.patch_embed.proj.in_channels:
+            raise ValueError(
+                f"expected (N, {self.patch_embed.proj.in_channels}, H, W) input, got {tuple(x.shape)}"
+            )
+        if x.shape[-1] % 16 or x.shape[-2] % 16:
+            raise ValueError(f"H and W must be multiples of 16 for ViT-B/16, got {tuple(x.shape[-2:])}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x)
+        return self.forward_features(x)
+
+    def intermediates(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Return ``(neck (N, 256, h, w), [block outputs (N, 768, h, w) for out_indices])``."""
+        self._check(x)
+        return self.forward_intermediates(x, indices=list(self.out_indices))
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Last transformer block, ``(N, 768, H/16, W/16)``."""
+        self._check(x)
+        return self.forward_intermediates(x, indices=[11], intermediates_only=True)[0]

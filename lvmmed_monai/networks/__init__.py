@@ -1,0 +1,8 @@
+"""Networks built on LVM-Med encoders: 2D U-Nets, classifier, detector."""
+
+from lvmmed_monai.networks.classifier import LVMMedClassifier
+from lvmmed_monai.networks.detector import lvmmed_faster_rcnn
+from lvmmed_monai.networks.unet import LVMMedFlexibleUNet
+from lvmmed_monai.networks.vit_unetr import LVMMedViTUNETR
+
+__all__ = ["LVMMedFlexibleUNet", "LVMMedViTUNETR", "LVMMedClassifier", "lvmmed_faster_rcnn"]

@@ -1,0 +1,66 @@
+"""Encoders: shapes, channel handling, FlexibleUNet registration, input validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lvmmed_monai  # noqa: F401
+from lvmmed_monai.encoders import LVMMedResNet50, LVMMedViTB, load_encoder
+
+
+def test_flexible_unet_backbone_registered_on_import():
+    from monai.networks.nets import FlexibleUNet
+    from monai.networks.nets.flexible_unet import FLEXUNET_BACKBONE
+
+    assert "lvmmed_resnet50" in FLEXUNET_BACKBONE.register_dict
+    net = FlexibleUNet(in_channels=1, out_channels=3, backbone="lvmmed_resnet50", spatial_dims=2)
+    assert isinstance(net.encoder, LVMMedResNet50) and net.encoder.conv1.in_channels == 1
+    assert net(torch.rand(2, 1, 64, 64)).shape == (2, 3, 64, 64)
+
+
+def test_flexible_unet_refuses_3d_and_implicit_pretrained():
+    from monai.networks.nets import FlexibleUNet
+
+    with pytest.raises(ValueError, match="2D encoder"):
+        FlexibleUNet(in_channels=1, out_channels=2, backbone="lvmmed_resnet50", spatial_dims=3)
+    with pytest.raises(ValueError, match="weights"):
+        FlexibleUNet(in_channels=1, out_channels=2, backbone="lvmmed_resnet50", pretrained=True)
+
+
+def test_vit_forward_shapes_at_1024_and_small_sizes(vit_file):
+    big = load_encoder("lvmmed_vit_b", weights=vit_file).eval()  # SAM's own 1024 x 1024 setting
+    with torch.no_grad():
+        assert big(torch.rand(1, 3, 1024, 1024)).shape == (1, 256, 64, 64)
+    small = load_encoder("lvmmed_vit_b", weights=vit_file, img_size=96, in_channels=1).eval()
+    x = torch.rand(2, 1, 96, 96)
+    with torch.no_grad():
+        neck, inter = small.intermediates(x)
+        assert neck.shape == (2, 256, 6, 6) and [t.shape for t in inter] == [(2, 768, 6, 6)] * 4
+        assert small.feature_map(x).shape == (2, 768, 6, 6)
+        assert torch.equal(small.feature_map(x), inter[-1])
+        assert small(torch.rand(1, 1, 160, 64)).shape == (1, 256, 10, 4)  # other sizes at run time
+
+
+def test_vit_one_channel_equals_grey_replicated(sam_vit_state):
+    rgb = load_encoder("lvmmed_vit_b", weights=sam_vit_state, img_size=32).eval().double()
+    grey = load_encoder("lvmmed_vit_b", weights=sam_vit_state, img_size=32, in_channels=1).eval().double()
+    x = torch.rand(1, 1, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(grey(x), rgb(x.expand(-1, 3, -1, -1)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [(torch.rand(1, 3, 30, 32), "multiples of 16"), (torch.rand(1, 1, 32, 32), r"\(N, 3, H, W\)")],
+)
+def test_vit_rejects_bad_inputs(bad, match):
+    with pytest.raises(ValueError, match=match):
+        LVMMedViTB(img_size=32)(bad)
+
+
+def test_vit_rejects_bad_construction():
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        LVMMedViTB(img_size=100)
+    with pytest.raises(ValueError, match="out_indices"):
+        LVMMedViTB(img_size=32, out_indices=(12,))

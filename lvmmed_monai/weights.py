@@ -55,8 +55,10 @@ __all__ = [
     "resolve_weights",
     "download",
     "save_atomic",
+    "PRETRAIN_META_KEY",
 ]
 
+PRETRAIN_META_KEY = "lvmmed_meta"  # our pretraining checkpoints: {"encoder": state, "lvmmed_meta": {...}, ...}
 WRAPPER_KEYS = ("state_dict", "model", "network_weights", "encoder", "model_state_dict", "net", "network")
 KNOWN_PREFIXES = ("module.", "_orig_mod.", "encoder.", "backbone.", "image_encoder.")
 LAYOUTS = {
@@ -336,9 +338,12 @@ def load_weights(
     expected = getattr(model, "weights_layout", None)
     if expected is None:
         raise TypeError(f"{type(model).__name__} has no `weights_layout`; use an lvmmed_monai encoder.")
-    state, _ = read_checkpoint(source)
+    state, extra = read_checkpoint(source)
     state, ignored = strip_prefixes(state, [prefix] if prefix else [])
     report = LoadReport(expected_layout=expected, detected_layout=detect_layout(state), ignored=ignored)
+    meta = extra.get(PRETRAIN_META_KEY)
+    if isinstance(meta, Mapping):
+        report.notes.append(f"lvmmed pretraining checkpoint: {dict(meta)}")
     if report.detected_layout is not None and report.detected_layout != expected:
         if (report.detected_layout, expected) in _CONVERSIONS:
             report.notes.append(f"converted {report.detected_layout} -> {expected}")

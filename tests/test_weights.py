@@ -58,6 +58,22 @@ def test_wrappers_and_prefixes_are_accepted(tmp_path, r50_state, wrap):
     assert torch.equal(enc.layer4[2].conv3.weight, r50_state["layer4.2.conv3.weight"])
 
 
+def test_our_pretraining_checkpoint_loads_encoder_part(tmp_path, r50_state):
+    """Training checkpoints of our pretraining hold the encoder beside the SSL head and optimizer state."""
+    enc_state = {k: v for k, v in r50_state.items() if not k.startswith("fc.")}
+    ckpt = {
+        "encoder": enc_state,
+        "loss": {"projector.weight": torch.zeros(128, 2048)},
+        "optimizer": {"state": {}, "param_groups": [{"lr": 1e-3, "params": [0, 1]}]},
+        W.PRETRAIN_META_KEY: {"arch": "lvmmed_resnet50", "iteration": 7},
+    }
+    torch.save(ckpt, tmp_path / "pretrain.pt")
+    state, extra = W.read_checkpoint(tmp_path / "pretrain.pt")
+    assert W.detect_layout(state) == "torchvision_resnet50" and extra[W.PRETRAIN_META_KEY]["iteration"] == 7
+    report = LVMMedResNet50(weights=str(tmp_path / "pretrain.pt")).load_report
+    assert report.ok and any("pretraining checkpoint" in n for n in report.notes)
+
+
 def test_encoder_extracted_from_a_full_flexible_unet_checkpoint(tmp_path, r50_state):
     from monai.networks.nets import FlexibleUNet
 

@@ -56,6 +56,7 @@ __all__ = [
     "download",
     "save_atomic",
     "PRETRAIN_META_KEY",
+    "LoadsWeights",
 ]
 
 PRETRAIN_META_KEY = "lvmmed_meta"  # our pretraining checkpoints: {"encoder": state, "lvmmed_meta": {...}, ...}
@@ -382,6 +383,18 @@ def load_weights(
     model.load_state_dict(loadable, strict=False)
     report.loaded = sorted(loadable)
     return report
+
+
+class LoadsWeights:
+    """Mixin for encoders: ``load_weights(source)`` resolves, loads and keeps ``self.load_report``."""
+
+    load_report: LoadReport | None = None
+
+    def load_weights(self, weights: str | os.PathLike | Mapping[str, Any], strict: bool = True) -> LoadReport:
+        """Load a checkpoint in any accepted layout/wrapper (see :func:`load_weights`)."""
+        source = weights if isinstance(weights, Mapping) else resolve_weights(weights)
+        self.load_report = load_weights(self, source, strict=strict)
+        return self.load_report
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> Path:

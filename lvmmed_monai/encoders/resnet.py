@@ -10,7 +10,7 @@ import torch
 from monai.networks.blocks import BaseEncoder
 from monai.networks.nets import ResNetFeatures
 
-from lvmmed_monai.weights import LoadReport, load_weights, resolve_weights
+from lvmmed_monai.weights import LoadReport, LoadsWeights
 
 __all__ = ["LVMMedResNet50", "IMAGENET_MEAN", "IMAGENET_STD"]
 
@@ -19,7 +19,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class LVMMedResNet50(ResNetFeatures, BaseEncoder):
+class LVMMedResNet50(ResNetFeatures, BaseEncoder, LoadsWeights):
     """ResNet-50 encoder in the layout of the released ``lvmmed_resnet.torch``.
 
     MONAI's ``ResNetFeatures("resnet50", spatial_dims=2)`` has exactly torchvision's key names (318 tensors
@@ -67,11 +67,6 @@ class LVMMedResNet50(ResNetFeatures, BaseEncoder):
                 "lvmmed_monai.networks.LVMMedFlexibleUNet(..., weights=PATH) or call encoder.load_weights(PATH)."
             )
 
-    def load_weights(self, weights: str | os.PathLike | Mapping[str, Any], strict: bool = True) -> LoadReport:
-        """Load a checkpoint (any accepted layout/wrapper) and keep the report in ``self.load_report``."""
-        source = weights if isinstance(weights, Mapping) else resolve_weights(weights)
-        self.load_report = load_weights(self, source, strict=strict)
-        return self.load_report
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, C, H, W)`` -> last stage ``(N, 2048, H/32, W/32)``, without computing the list of skips."""

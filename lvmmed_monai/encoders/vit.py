@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from timm.models.vision_transformer_sam import VisionTransformerSAM
 
-from lvmmed_monai.weights import LoadReport, load_weights, resolve_weights
+from lvmmed_monai.weights import LoadReport, LoadsWeights
 
 __all__ = ["LVMMedViTB", "SAM_PIXEL_MEAN", "SAM_PIXEL_STD"]
 
@@ -18,7 +18,7 @@ SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 
 
-class LVMMedViTB(VisionTransformerSAM):
+class LVMMedViTB(VisionTransformerSAM, LoadsWeights):
     """ViT-B/16 SAM image encoder (embed 768, depth 12, 12 heads, window 14, global blocks 2, 5, 8, 11).
 
     timm's ``samvit_base_patch16`` is the same network as SAM's ``ImageEncoderViT``; the official
@@ -71,11 +71,6 @@ class LVMMedViTB(VisionTransformerSAM):
         if weights is not None:
             self.load_weights(weights, strict=strict)
 
-    def load_weights(self, weights: str | os.PathLike | Mapping[str, Any], strict: bool = True) -> LoadReport:
-        """Load a SAM- or timm-layout checkpoint and keep the report in ``self.load_report``."""
-        source = weights if isinstance(weights, Mapping) else resolve_weights(weights)
-        self.load_report = load_weights(self, source, strict=strict)
-        return self.load_report
 
     def _check(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != self.patch_embed.proj.in_channels:

@@ -16,14 +16,18 @@ fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 VPY="$VENV/bin/python"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+pip_install() {  # pip, without the "Location ... is ignored" noise of this machine's local index config
+    "$VPY" -m pip install -q "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+    return "${PIPESTATUS[0]}"
+}
 if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
     echo "[setup] installing $TORCH_SPEC first"
-    "$VPY" -m pip install -q "$TORCH_SPEC"
+    pip_install "$TORCH_SPEC"
 fi
 torch_version=$("$VPY" -c "import torch; print(torch.__version__.split('+')[0])")
 printf 'torch==%s\n' "$torch_version" > "$VENV/constraints.txt"
 echo "[setup] installing lvmmed-monai and dependencies (torch pinned to $torch_version)"
-"$VPY" -m pip install -q -c "$VENV/constraints.txt" -e ".[dev]"
+pip_install -c "$VENV/constraints.txt" -e ".[dev]"
 "$VPY" scripts/fix_torchvision.py
 rm -f "$VENV"/.lvmmed-setup-*
 touch "$stamp"

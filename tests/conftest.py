@@ -8,6 +8,12 @@ import torch
 from lvmmed_monai.data import official_resnet50_state, official_vit_b_state
 
 
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    """Every test starts from the same random state, so failures reproduce."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture(scope="session")
 def r50_state() -> dict[str, torch.Tensor]:
     return official_resnet50_state(seed=0)

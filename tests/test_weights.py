@@ -134,13 +134,13 @@ def test_sam_checkpoint_with_image_encoder_prefix(tmp_path, sam_vit_state):
 def test_vit_load_time_resize_equals_run_time_resize(sam_vit_state):
     """Loading at img_size 64 (tables resized on load) == the 1024 model run on a 64 x 64 input (timm and
     SAM's get_rel_pos resize at run time), an independent path through the same interpolations."""
-    small = load_encoder("lvmmed_vit_b", weights=sam_vit_state, img_size=64).eval()
-    full = load_encoder("lvmmed_vit_b", weights=sam_vit_state, img_size=1024).eval()
+    small = load_encoder("lvmmed_vit_b", weights=sam_vit_state, img_size=64).eval().double()
+    full = load_encoder("lvmmed_vit_b", weights=sam_vit_state, img_size=1024).eval().double()
     assert small.pos_embed.shape == (1, 4, 4, 768) and small.blocks[2].attn.rel_pos_h.shape == (7, 64)
     assert small.blocks[0].attn.rel_pos_h.shape == (27, 64)  # windowed blocks keep window-14 tables
-    x = torch.rand(1, 3, 64, 64)
-    with torch.no_grad():
-        assert torch.allclose(small(x), full(x), atol=1e-4)
+    x = torch.rand(1, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():  # the tables were resized in float32 on load, at run time in float64
+        torch.testing.assert_close(small(x), full(x), rtol=1e-4, atol=1e-4)
 
 
 def test_vit_matches_segment_anything_image_encoder(sam_vit_state):
@@ -149,16 +149,16 @@ def test_vit_matches_segment_anything_image_encoder(sam_vit_state):
 
     from segment_anything.modeling import ImageEncoderViT
 
-    ours = load_encoder("lvmmed_vit_b", weights=sam_vit_state, img_size=64).eval()
+    ours = load_encoder("lvmmed_vit_b", weights=sam_vit_state, img_size=64).eval().double()
     sam = ImageEncoderViT(
         img_size=64, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4,
         out_chans=256, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), use_rel_pos=True,
         global_attn_indexes=(2, 5, 8, 11), window_size=14,
-    ).eval()
+    ).eval().double()
     sam.load_state_dict(W.timm_to_sam(ours.state_dict()), strict=True)
-    x = torch.rand(1, 3, 64, 64)
+    x = torch.rand(1, 3, 64, 64, dtype=torch.float64)
     with torch.no_grad():
-        assert torch.allclose(ours(x), sam(x), atol=1e-4)
+        torch.testing.assert_close(ours(x), sam(x), rtol=1e-9, atol=1e-9)
 
 
 def _report_of(exc_info) -> W.LoadReport:

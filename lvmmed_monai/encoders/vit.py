@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
 from timm.models.vision_transformer_sam import VisionTransformerSAM
+from torch import nn
 
 from lvmmed_monai.weights import LoadReport, LoadsWeights
 
@@ -62,6 +64,7 @@ class LVMMedViTB(VisionTransformerSAM, LoadsWeights):
             use_rel_pos=True,
             num_classes=0,
             drop_path_rate=drop_path_rate,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),  # SAM's eps; timm's default (1e-5) differs slightly
         )
         bad = [i for i in out_indices if not 0 <= i < 12]
         if bad:

@@ -1,4 +1,4 @@
-"""The ``lvmmed`` command: weights (list, inspect, convert, fetch), demo, info."""
+"""The ``lvmmed`` command: weights (list, inspect, convert, fetch), demo, nnunet-path, info."""
 
 from __future__ import annotations
 
@@ -146,6 +146,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_nnunet_path(_: argparse.Namespace) -> int:
+    from nnunet_plugin import PLUGIN_DIR
+
+    print(PLUGIN_DIR)
+    return 0
+
+
 def _cmd_info(_: argparse.Namespace) -> int:
     import monai
 
@@ -183,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)
     sub.add_parser("info", help="versions and registered encoders").set_defaults(func=_cmd_info)
+    sub.add_parser(
+        "nnunet-path", help="folder of the nnU-Net trainers: export nnUNet_extTrainer=$(lvmmed nnunet-path)"
+    ).set_defaults(func=_cmd_nnunet_path)
     return parser
 
 

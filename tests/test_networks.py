@@ -96,3 +96,20 @@ def test_faster_rcnn_one_channel(r50_file):
     with torch.no_grad():
         out = det([torch.rand(1, 64, 64)])
     assert out[0]["boxes"].shape[-1] == 4
+
+
+def test_deep_supervision_unet_any_patch_and_anisotropic_scales():
+    from lvmmed_monai.networks.ds_unet import LVMMedDeepSupervisionUNet, deep_supervision_scales
+
+    scales = deep_supervision_scales([[1, 1], [2, 2], [2, 1], [2, 2], [2, 2], [2, 2]])
+    assert scales == [[1, 1], [0.5, 0.5], [0.25, 0.5], [0.125, 0.25], [0.0625, 0.125]]
+    net = LVMMedDeepSupervisionUNet(in_channels=2, out_channels=4, ds_scales=scales)
+    outs = net(torch.rand(1, 2, 70, 90))
+    assert [tuple(o.shape[-2:]) for o in outs] == [(70, 90), (35, 45), (18, 45), (9, 22), (4, 11)]
+    # deep supervision off: one full-resolution output, the same parameters
+    keys = set(net.state_dict())
+    net.decoder.deep_supervision = False
+    out = net(torch.rand(1, 2, 70, 90))
+    assert out.shape == (1, 4, 70, 90) and set(net.state_dict()) == keys
+    out.mean().backward()
+    assert net.encoder.conv1.weight.grad is not None and net.heads["0"].weight.grad is not None

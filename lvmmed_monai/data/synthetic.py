@@ -7,13 +7,15 @@ key layout (names, shapes) of the released LVM-Med files, so every loading path 
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import torch
 import torchvision
 
 from lvmmed_monai.weights import timm_to_sam
 
-__all__ = ["official_resnet50_state", "official_vit_b_state", "phantom_batch"]
+__all__ = ["official_resnet50_state", "official_vit_b_state", "phantom_batch", "write_nnunet_raw_dataset"]
 
 
 def official_resnet50_state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -70,3 +72,37 @@ def phantom_batch(
         images.append(img.clamp(0, 1).expand(channels, size, size))
         labels.append(label[None])
     return torch.stack(images), torch.stack(labels)
+
+
+def write_nnunet_raw_dataset(
+    root: str | os.PathLike, dataset_id: int = 501, num_cases: int = 6, size: int = 64, seed: int = 0
+) -> Path:
+    """Write a tiny 2D phantom dataset in nnU-Net v2's raw format (NIfTI, 1 slice) and return its folder.
+
+    ``Dataset{id:03d}_LVMMedPhantom/imagesTr/case_XXX_0000.nii.gz``, ``labelsTr/case_XXX.nii.gz`` and
+    ``dataset.json`` with labels background / organ / lesion: enough for plan, train and predict.
+    """
+    import json
+
+    import nibabel as nib
+    import numpy as np
+
+    folder = Path(root) / f"Dataset{dataset_id:03d}_LVMMedPhantom"
+    (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
+    images, labels = phantom_batch(num_cases, size=size, channels=1, num_classes=3, seed=seed)
+    affine = np.eye(4)
+    for i in range(num_cases):
+        img = images[i, 0].numpy().astype(np.float32)[:, :, None] * 1000.0
+        lab = labels[i, 0].numpy().astype(np.uint8)[:, :, None]
+        nib.save(nib.Nifti1Image(img, affine), folder / "imagesTr" / f"case_{i:03d}_0000.nii.gz")
+        nib.save(nib.Nifti1Image(lab, affine), folder / "labelsTr" / f"case_{i:03d}.nii.gz")
+    meta = {
+        "channel_names": {"0": "MR"},
+        "labels": {"background": 0, "organ": 1, "lesion": 2},
+        "numTraining": num_cases,
+        "file_ending": ".nii.gz",
+        "name": "LVMMedPhantom",
+    }
+    (folder / "dataset.json").write_text(json.dumps(meta, indent=2))
+    return folder

@@ -57,6 +57,8 @@ __all__ = [
     "save_atomic",
     "PRETRAIN_META_KEY",
     "LoadsWeights",
+    "export_encoder",
+    "ADAPTATION_PLAN_NAME",
 ]
 
 PRETRAIN_META_KEY = "lvmmed_meta"  # our pretraining checkpoints: {"encoder": state, "lvmmed_meta": {...}, ...}
@@ -470,4 +472,53 @@ def resolve_weights(
             )
     if sha256 is not None and _sha256(path) != sha256.lower():
         raise CheckpointError(f"sha256 of {path} is {_sha256(path)}, expected {sha256}.")
+    return path
+
+
+ADAPTATION_PLAN_NAME = "adaptation_plan.json"
+_OFFICIAL_LAYOUT = {"torchvision_resnet50": "torchvision_resnet50", "timm_samvit_b": "sam_vit_b"}
+
+
+def export_encoder(encoder: nn.Module, path: str | os.PathLike, patch_size: tuple[int, int] = (224, 224)) -> Path:
+    """Write ``encoder`` in the official LVM-Med layout, plus an nnssl-style ``adaptation_plan.json`` beside it.
+
+    The weights file is what :func:`load_weights`, the bundles and the nnU-Net trainers load (torchvision
+    ResNet-50 keys, or SAM ViT keys). The plan follows nnssl's ``AdaptationPlan`` (architecture name, input
+    channels, patch size, the state-dict keys of the encoder and of the stem) and adds what a fine-tuning
+    tool needs to feed the encoder as it was pretrained: layout, input projection keys and normalisation.
+    Both files are written atomically.
+    """
+    import json
+
+    layout = getattr(encoder, "weights_layout", None)
+    if layout not in _OFFICIAL_LAYOUT:
+        raise TypeError(f"{type(encoder).__name__} is not an lvmmed_monai encoder (weights_layout={layout!r})")
+    official = _OFFICIAL_LAYOUT[layout]
+    state = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
+    path = save_atomic(convert_state_dict(state, official) if official != layout else state, path)
+    stem = encoder.first_conv_key.rsplit(".", 1)[0]
+    if official == "torchvision_resnet50":
+        norm = {"scheme": "imagenet", "input_range": [0.0, 1.0], "mean": [0.485, 0.456, 0.406],
+                "std": [0.229, 0.224, 0.225]}
+    else:
+        norm = {"scheme": "sam", "input_range": [0.0, 255.0], "mean": [123.675, 116.28, 103.53],
+                "std": [58.395, 57.12, 57.375]}
+    plan = {
+        "architecture_name": type(encoder).__name__,
+        "num_input_channels": int(state[encoder.first_conv_key].shape[1]),
+        "input_patch_size": list(patch_size),
+        "state_dict_key_to_encoder": "",
+        "state_dict_key_to_stem": stem,
+        "keys_to_in_proj": [stem],
+        "weights_layout": official,
+        "weights_file": path.name,
+        "pretrain_normalization": norm,
+        "spatial_dims": 2,
+        "feature_dim": int(getattr(encoder, "feature_dim", 0)),
+        "feature_stride": int(getattr(encoder, "feature_stride", 0)),
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{ADAPTATION_PLAN_NAME}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(plan, fh, indent=2)
+    os.replace(tmp, path.parent / ADAPTATION_PLAN_NAME)
     return path

@@ -288,3 +288,20 @@ def test_save_atomic_leaves_no_partial_file(tmp_path):
     with pytest.raises(RuntimeError):
         W.save_atomic({"x": Boom()}, tmp_path / "out.pt")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name, kwargs", [("lvmmed_resnet50", {}), ("lvmmed_vit_b", {"img_size": 32})])
+def test_export_encoder_official_layout_and_adaptation_plan(tmp_path, name, kwargs):
+    import json
+
+    enc = load_encoder(name, in_channels=1, **kwargs)
+    path = W.export_encoder(enc, tmp_path / "export" / "encoder.pth", patch_size=(32, 32))
+    state = torch.load(path, weights_only=True)
+    assert W.detect_layout(state) == ("torchvision_resnet50" if name == "lvmmed_resnet50" else "sam_vit_b")
+    again = load_encoder(name, weights=str(path), in_channels=1, **kwargs)  # strict
+    assert all(torch.equal(a, b) for a, b in zip(enc.state_dict().values(), again.state_dict().values(), strict=True))
+    plan = json.loads((path.parent / W.ADAPTATION_PLAN_NAME).read_text())
+    assert plan["num_input_channels"] == 1 and plan["input_patch_size"] == [32, 32]
+    assert plan["state_dict_key_to_stem"] == ("conv1" if name == "lvmmed_resnet50" else "patch_embed.proj")
+    assert plan["weights_file"] == "encoder.pth" and plan["pretrain_normalization"]["scheme"] in ("imagenet", "sam")
+    assert sorted(p.name for p in path.parent.iterdir()) == [W.ADAPTATION_PLAN_NAME, "encoder.pth"]

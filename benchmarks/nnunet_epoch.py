@@ -1,0 +1,76 @@
+"""Seconds per epoch and final validation Dice: LVMMedTrainer vs nnU-Net's default trainer, same data/epochs.
+
+Both run through the real ``nnUNetv2_train`` on a tiny generated 2D dataset (planned by nnU-Net), one after
+the other in this run. LVMMedTrainer gets generated weights in the official ResNet-50 layout (random
+values: this measures cost, not the benefit of LVM-Med pretraining). The last line is the ratio of mean
+epoch times, LVMMedTrainer / nnUNetTrainer (goal on CPU: <= 1.3).
+
+    python benchmarks/nnunet_epoch.py --epochs 1 --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from lvmmed_monai.data import official_resnet50_state
+from lvmmed_monai.data.synthetic import write_nnunet_raw_dataset
+from nnunet_plugin import PLUGIN_DIR
+
+BIN = Path(sys.executable).parent
+
+
+def trainer_names(epochs: int) -> tuple[str, str]:
+    suffix = "1epoch" if epochs == 1 else f"{epochs}epochs"
+    return f"nnUNetTrainer_{suffix}", f"LVMMedTrainer_{suffix}"
+
+
+def run(trainer: str, env: dict[str, str], device: str, dataset_id: int) -> tuple[list[float], float, float]:
+    start = time.perf_counter()
+    proc = subprocess.run([str(BIN / "nnUNetv2_train"), str(dataset_id), "2d", "0", "-tr", trainer, "-device", device],
+                          env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"{trainer} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    epochs = [float(x) for x in re.findall(r"Epoch time: ([0-9.]+) s", proc.stdout)]
+    dice = float(re.findall(r"Mean Validation Dice:\s+([0-9.]+)", proc.stdout)[-1])
+    return epochs, dice, wall
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=1, choices=[1, 5, 10, 20, 50])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--cases", type=int, default=8)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--workdir", default=None)
+    args = parser.parse_args()
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="nnunet_bench_"))
+    dataset_id = 502
+    env = dict(os.environ, nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"),
+               nnUNet_results=str(root / "res"), nnUNet_extTrainer=str(PLUGIN_DIR))
+    write_nnunet_raw_dataset(root / "raw", dataset_id, num_cases=args.cases, size=args.size)
+    subprocess.run([str(BIN / "nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", "2d", "-np", "1"],
+                   env=env, check=True, capture_output=True)
+    weights = root / "lvmmed_resnet.torch"
+    torch.save(official_resnet50_state(), weights)
+    env["LVMMED_WEIGHTS"] = str(weights)
+    baseline, ours = trainer_names(args.epochs)
+    results = {name: run(name, env, args.device, dataset_id) for name in (baseline, ours)}
+    for name, (epochs, dice, wall) in results.items():
+        print(f"{name:28s} epochs {len(epochs)}  s/epoch {sum(epochs) / len(epochs):8.2f}  "
+              f"val Dice {dice:.4f}  wall {wall:.1f} s")
+    mean = {n: sum(r[0]) / len(r[0]) for n, r in results.items()}
+    print(f"epoch-time ratio {ours}/{baseline}: {mean[ours] / mean[baseline]:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""LVM-Med's graph-matching self-supervised learning (NeurIPS 2023, Sec. 3.2), one concept per module.
+
+* :mod:`~lvmmed_monai.ssl.views`: two augmented views per image plus original-image coordinate maps;
+* :mod:`~lvmmed_monai.ssl.graph`: kNN graphs, the GCN of Eq. 1 and the projector;
+* :mod:`~lvmmed_monai.ssl.affinity`: vertex (global + local, Eq. 2-3) and edge (Eq. 4) affinities;
+* :mod:`~lvmmed_monai.ssl.matching`: batched LAP / QAP solvers (``solve_qap``);
+* :mod:`~lvmmed_monai.ssl.imle`: IMLE gradients through the solver (Eq. 6, Algorithm 1), Hamming loss;
+* :mod:`~lvmmed_monai.ssl.loss`: ``LVMMedLoss``, the whole step.
+"""
+
+from lvmmed_monai.ssl.affinity import edge_affinity, global_affinity, local_affinity, vertex_affinity
+from lvmmed_monai.ssl.graph import GCN, Projector, knn_adjacency, knn_graph, normalized_adjacency
+from lvmmed_monai.ssl.imle import hamming_loss, imle_qap
+from lvmmed_monai.ssl.loss import GraphAffinities, LVMMedLoss, LVMMedLossOutput
+from lvmmed_monai.ssl.matching import QAP_SOLVERS, lawler_from_edges, qap_objective, solve_lap, solve_qap
+from lvmmed_monai.ssl.views import LVMMedViewsd, coordinate_grid, pool_coords, transform_with_coords
+
+__all__ = [
+    "LVMMedViewsd", "coordinate_grid", "pool_coords", "transform_with_coords",
+    "GCN", "Projector", "knn_graph", "knn_adjacency", "normalized_adjacency",
+    "global_affinity", "local_affinity", "vertex_affinity", "edge_affinity",
+    "QAP_SOLVERS", "lawler_from_edges", "qap_objective", "solve_lap", "solve_qap",
+    "imle_qap", "hamming_loss",
+    "LVMMedLoss", "LVMMedLossOutput", "GraphAffinities",
+]

@@ -1,0 +1,255 @@
+"""``LVMMedLoss``: LVM-Med's graph-matching self-supervised loss for one training step (Sec. 3.2, Eq. 1-6).
+
+Pipeline for a batch of ``N = G * graph_size`` images seen in two views ``s`` and ``t``:
+
+1. encoder maps ``(N, D, R, S)`` -> global average pool -> projector ``h`` (``Linear(D, proj_dim)``, the
+   paper's ``2048 x 128``) -> ``z``;
+2. consecutive ``graph_size`` samples form one graph (``G`` graphs, batched as ``(G, n, ...)``); per view a
+   kNN graph on ``z`` (``k`` = 5, :func:`~lvmmed_monai.ssl.graph.knn_graph`) and the shared 2-layer GCN
+   (Eq. 1) give ``z_hat``;
+3. vertex affinity ``c_v`` (Eq. 2-3, global cosine + local costs on the feature maps) and edge affinity
+   ``c_e`` over the ``n * k`` directed kNN edges of each graph (Eq. 4);
+4. perturbed second-order matching and its IMLE gradient (Eq. 4, 6, Algorithm 1,
+   :func:`~lvmmed_monai.ssl.imle.imle_qap`), Hamming loss to the identity (Eq. 5).
+
+The loss is the per-graph Hamming distance (Eq. 5, a sum over the ``n x n`` entries) averaged over graphs
+(``reduction="mean"``, the convention of the blackbox graph-matching code BB-GM, Rolinek et al. 2020) or
+summed. The IMLE backward step perturbs the costs by ``lam * dL/dX``, so the reduction sets the effective
+step: with "mean" it is ``lam / G`` per graph; "sum" keeps ``lam`` whatever the batch size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from lvmmed_monai.ssl.affinity import edge_affinity, num_kept, vertex_affinity
+from lvmmed_monai.ssl.graph import GCN, Projector, knn_adjacency, knn_graph, normalized_adjacency
+from lvmmed_monai.ssl.imle import hamming_loss, imle_qap
+from lvmmed_monai.ssl.matching import lawler_from_edges, qap_objective
+from lvmmed_monai.ssl.views import pool_coords
+
+__all__ = ["LVMMedLoss", "LVMMedLossOutput", "GraphAffinities"]
+
+
+@dataclass
+class GraphAffinities:
+    """Inputs of the matching problem for ``G`` graphs of ``n`` nodes (all float32 but the edges)."""
+
+    c_v: Tensor  # (G, n, n) vertex affinity, Eq. 3
+    c_e: Tensor  # (G, E, E) edge affinity over kNN edges, E = n * k
+    edges_s: Tensor  # (G, E, 2) long, directed kNN edges (i, j) of the s graphs
+    edges_t: Tensor  # (G, E, 2) long, of the t graphs
+
+
+class LVMMedLossOutput(NamedTuple):
+    """``loss, stats = criterion(...)``; ``stats`` holds detached 0-d tensors (no host sync):
+
+    * ``accuracy``: share of nodes matched to their own other view (diagonal of X), in ``[0, 1]``;
+    * ``identity_rate``: share of graphs whose matching is exactly the identity, in ``[0, 1]``;
+    * ``objective``: mean Eq. 4 objective ``sum c_v X + sum c_e X X`` of the solver's matchings on the
+      unperturbed costs (linear term only without ``second_order``);
+    * ``identity_objective``: the same for the identity (the gold matching); ``hamming``: mean per graph.
+    """
+
+    loss: Tensor
+    stats: dict[str, Tensor]
+
+
+class LVMMedLoss(nn.Module):
+    """LVM-Med's loss; owns (and trains) the projector ``h_phi`` and the GCN ``g_eps``.
+
+    Args:
+        in_dim: encoder channels ``D`` (2048 for ResNet-50, 768 for ViT-B).
+        proj_dim / gcn_dim: widths of the projector output and of both GCN layers (paper: 128).
+        projector_hidden_dim: None for the paper's linear projector, an int for a 2-layer MLP.
+        k: neighbours per node in the kNN graphs (paper: 5). graph_size: nodes per graph (paper: 16).
+        alpha: weight of the global cosine in ``c_v`` (Eq. 3; paper: 0.8).
+        gamma: pairs kept by ``select_top`` in the local costs. The paper does not state it; 20 is the
+            count VICRegL (whose nearest-neighbour matching appendix A follows) keeps on the 7x7 maps of
+            224 px inputs; an int is clamped to the map size (all 9 positions of a 3x3 map), a float in
+            ``(0, 1]`` is a fraction (0.4 reproduces VICRegL's 20 of 49 and 4 of 9).
+        lam: IMLE finite-difference step ``lambda`` of Eq. 6 / Algorithm 1 (paper: 80).
+        second_order: False = LAP on ``c_v`` only ("w/o second-order" ablation).
+        message_passing: False = no GCN, ``z_hat = z`` ("w/o message passing").
+        gumbel: False = add the constant 0.5772 (Gumbel mean) instead of Gumbel noise ("w/o Gumbel").
+        local_cost: False = ``c_v`` is the global cosine alone, at full weight ("w/o local").
+        num_samples: IMLE noise samples per step. method: QAP solver (``solve_qap``'s registry).
+        reduction: "mean" or "sum" of the per-graph Hamming losses over graphs (see the module docstring).
+        check_inputs: check for NaN/Inf features and coordinates outside ``[0, 1]`` (on the pooled
+            tensors, where any NaN/Inf propagates; one host sync per step).
+        max_local_elements: chunking threshold of the local cost (see ``local_affinity``).
+    """
+
+    def __init__(
+        self,
+        in_dim: int = 2048,
+        proj_dim: int = 128,
+        gcn_dim: int = 128,
+        k: int = 5,
+        graph_size: int = 16,
+        alpha: float = 0.8,
+        gamma: int | float = 20,
+        lam: float = 80.0,
+        second_order: bool = True,
+        message_passing: bool = True,
+        gumbel: bool = True,
+        local_cost: bool = True,
+        num_samples: int = 1,
+        method: str = "lvmmed",
+        projector_hidden_dim: int | None = None,
+        reduction: str = "mean",
+        check_inputs: bool = True,
+        max_local_elements: int = 2**24,
+    ) -> None:
+        super().__init__()
+        if not 1 <= k < graph_size:
+            raise ValueError(f"need 1 <= k < graph_size, got k={k}, graph_size={graph_size}")
+        if not 0.0 <= alpha <= 1.0 or lam <= 0 or num_samples < 1:
+            raise ValueError(f"need 0 <= alpha <= 1, lam > 0 and num_samples >= 1; got alpha={alpha}, "
+                             f"lam={lam}, num_samples={num_samples}")
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        num_kept(gamma, 1)  # validates gamma
+        self.projector = Projector(in_dim, proj_dim, projector_hidden_dim)
+        self.gcn = GCN(proj_dim, gcn_dim, gcn_dim, num_layers=2) if message_passing else None
+        self.in_dim, self.k, self.graph_size = in_dim, k, graph_size
+        self.alpha, self.gamma, self.lam = alpha, gamma, lam
+        self.second_order, self.gumbel, self.local_cost = second_order, gumbel, local_cost
+        self.num_samples, self.method, self.reduction = num_samples, method, reduction
+        self.check_inputs, self.max_local_elements = check_inputs, max_local_elements
+
+    def _check(
+        self, feats_s: Tensor, feats_t: Tensor, coords_s: Tensor | None, coords_t: Tensor | None
+    ) -> None:
+        for name, f in (("feats_s", feats_s), ("feats_t", feats_t)):
+            if f.dim() != 4 or f.shape[1] != self.in_dim:
+                raise ValueError(
+                    f"{name} must be encoder maps (N, D={self.in_dim}, R, S), got {tuple(f.shape)}"
+                )
+        n_img = feats_s.shape[0]
+        if feats_t.shape[0] != n_img:
+            raise ValueError(f"the two views hold {n_img} and {feats_t.shape[0]} images; they must be paired")
+        if n_img == 0 or n_img % self.graph_size:
+            raise ValueError(
+                f"batch size N={n_img} must be a positive multiple of graph_size={self.graph_size}: use a "
+                f"batch size that is a multiple of {self.graph_size} (DataLoader(drop_last=True)) or set "
+                "graph_size to a divisor of N"
+            )
+        if self.local_cost:
+            for name, c in (("coords_s", coords_s), ("coords_t", coords_t)):
+                if c is None:
+                    raise ValueError(f"local_cost=True needs {name} (N, 2, H, W) from LVMMedViewsd")
+                if c.dim() != 4 or c.shape[:2] != (n_img, 2):
+                    raise ValueError(
+                        f"{name} must be (N={n_img}, 2, H, W) coordinate maps, got {tuple(c.shape)}"
+                    )
+
+    @staticmethod
+    def _check_values(pooled: list[Tensor], positions: list[Tensor]) -> None:
+        """NaN/Inf in any feature propagates to its pooled mean, so the small pooled tensors are checked."""
+        ok = [torch.isfinite(t).all() for t in pooled + positions]
+        ok += [((c >= -1e-3) & (c <= 1 + 1e-3)).all() for c in positions]
+        ok_all = torch.stack(ok)
+        if not bool(ok_all.all()):
+            names = ["feats_s", "feats_t", "coords_s", "coords_t", "coords_s range", "coords_t range"]
+            bad = [nm for nm, good in zip(names, ok_all.tolist(), strict=False) if not good]
+            raise ValueError(f"bad LVMMedLoss input: {bad} (NaN/Inf, or coordinates outside [0, 1]; "
+                             "coordinates are normalised by the original image size, see LVMMedViewsd)")
+
+    def _graphs(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """``(2G, n, F)`` embeddings of both views -> (``z_hat`` after the GCN, kNN edges ``(2G, nk, 2)``)."""
+        edges = knn_graph(z, self.k)
+        if self.gcn is None:
+            return z, edges
+        adj = normalized_adjacency(knn_adjacency(edges, z.shape[1], symmetric=True))
+        return self.gcn(z, adj), edges
+
+    def affinities(
+        self,
+        feats_s: Tensor,
+        feats_t: Tensor,
+        coords_s: Tensor | None = None,
+        coords_t: Tensor | None = None,
+    ) -> GraphAffinities:
+        """Projector, kNN graphs, GCN and the affinities of Eq. 3-4 (float32, autocast off)."""
+        self._check(feats_s, feats_t, coords_s, coords_t)
+        g, n = feats_s.shape[0] // self.graph_size, self.graph_size
+        with torch.autocast(device_type=feats_s.device.type, enabled=False):
+            ys, yt = feats_s.float(), feats_t.float()
+            pooled = [ys.mean((2, 3)), yt.mean((2, 3))]  # Avg of Sec. 3.2.1, (N, D)
+            local = {}
+            if self.local_cost:
+                local = {
+                    "ys": ys.flatten(2).transpose(1, 2).reshape(g, n, -1, self.in_dim),  # (G, n, P, D)
+                    "yt": yt.flatten(2).transpose(1, 2).reshape(g, n, -1, self.in_dim),
+                    "pos_s": self._positions(coords_s, ys, g, n),
+                    "pos_t": self._positions(coords_t, yt, g, n),
+                }
+            if self.check_inputs:
+                self._check_values(pooled, [local["pos_s"], local["pos_t"]] if local else [])
+            z = torch.cat([self.projector(pooled[0]), self.projector(pooled[1])])
+            z_hat, edges = self._graphs(z.view(2 * g, n, -1))
+            zs, zt = z_hat[:g], z_hat[g:]
+            c_v = vertex_affinity(zs, zt, **local, alpha=self.alpha, gamma=self.gamma,
+                                  max_elements=self.max_local_elements)
+            c_e = edge_affinity(zs, zt, edges[:g], edges[g:])
+        return GraphAffinities(c_v, c_e, edges[:g], edges[g:])
+
+    @staticmethod
+    def _positions(coords: Tensor, feats: Tensor, g: int, n: int) -> Tensor:
+        """Coordinate maps at any resolution -> ``(G, n, P, 2)`` at the feature-map grid (cell means)."""
+        grid = pool_coords(coords.float(), feats.shape[-2:])
+        return grid.flatten(2).transpose(1, 2).reshape(g, n, -1, 2)
+
+    def match(self, aff: GraphAffinities, generator: torch.Generator | None = None) -> LVMMedLossOutput:
+        """Perturbed matching with IMLE gradients (Eq. 4, 6) and the Hamming loss to the identity (Eq. 5)."""
+        x = imle_qap(
+            aff.c_v, aff.c_e, aff.edges_s, aff.edges_t, lam=self.lam,
+            noise="gumbel" if self.gumbel else "constant", num_samples=self.num_samples,
+            second_order=self.second_order, method=self.method, generator=generator,
+        )
+        per_graph = hamming_loss(x)
+        loss = per_graph.mean() if self.reduction == "mean" else per_graph.sum()
+        return LVMMedLossOutput(loss, self._stats(aff, x.detach(), per_graph.detach()))
+
+    def _stats(self, aff: GraphAffinities, x: Tensor, per_graph: Tensor) -> dict[str, Tensor]:
+        with torch.no_grad():
+            diag = x.diagonal(dim1=1, dim2=2)
+            eye = torch.eye(x.shape[-1], device=x.device).expand_as(x)
+            c_v = aff.c_v.detach()
+            if self.second_order:
+                K = lawler_from_edges(c_v, aff.c_e.detach(), aff.edges_s, aff.edges_t)
+                obj, obj_id = qap_objective(K, x), qap_objective(K, eye)
+            else:
+                obj, obj_id = (c_v * x).sum((1, 2)), c_v.diagonal(dim1=1, dim2=2).sum(1)
+            return {
+                "accuracy": diag.mean(), "identity_rate": (diag > 0.5).all(-1).float().mean(),
+                "objective": obj.mean(), "identity_objective": obj_id.mean(), "hamming": per_graph.mean(),
+            }
+
+    def forward(
+        self,
+        feats_s: Tensor,
+        feats_t: Tensor,
+        coords_s: Tensor | None = None,
+        coords_t: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> LVMMedLossOutput:
+        """One step's loss.
+
+        Args:
+            feats_s, feats_t: ``(N, D, R, S)`` encoder maps of the two views (sample i of both = image i;
+                the spatial sizes of the views may differ, e.g. a global and a local crop).
+            coords_s, coords_t: ``(N, 2, H, W)`` normalised original-image ``(y, x)`` per pixel of each view
+                (``LVMMedViewsd``'s ``coords_s``/``coords_t``, or already ``(N, 2, R, S)``); average-pooled
+                to the feature grid. Needed only with ``local_cost``.
+            generator: optional RNG for the Gumbel noise (reproducible steps).
+
+        Returns:
+            :class:`LVMMedLossOutput` ``(loss, stats)``.
+        """
+        return self.match(self.affinities(feats_s, feats_t, coords_s, coords_t), generator)

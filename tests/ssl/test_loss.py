@@ -1,0 +1,171 @@
+"""LVMMedLoss end to end: ResNet-50 maps, gradients, degenerate inputs, ablations, stats, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models import resnet50
+
+from lvmmed_monai.ssl.loss import LVMMedLoss
+from lvmmed_monai.ssl.views import LVMMedViewsd, pool_coords
+
+N, D = 32, 24  # two graphs of 16 nodes; small feature width for the fast tests
+
+
+def _maps(seed: int = 0, noise: float = 0.3, size: int = 3) -> tuple[torch.Tensor, ...]:
+    """Paired view maps (the t view = s view + noise) and random coordinates."""
+    g = torch.Generator().manual_seed(seed)
+    fs = torch.randn(N, D, size, size, generator=g)
+    ft = fs + noise * torch.randn(N, D, size, size, generator=g)
+    cs, ct = torch.rand(N, 2, 12, 12, generator=g), torch.rand(N, 2, 12, 12, generator=g)
+    return fs.requires_grad_(), ft.requires_grad_(), cs, ct
+
+
+def test_resnet50_step_reaches_encoder_projector_and_gcn():
+    torch.manual_seed(0)
+    trunk = nn.Sequential(*list(resnet50(weights=None).children())[:-2])  # no avgpool / fc
+    views = LVMMedViewsd("image", size=64, out_channels=3).set_random_state(0)
+    batch = [views({"image": torch.rand(1, 80, 72)}) for _ in range(N)]
+    x_s, x_t = (torch.stack([b[f"image_{v}"] for b in batch]) for v in "st")
+    c_s, c_t = (torch.stack([b[f"coords_{v}"] for b in batch]) for v in "st")
+    criterion = LVMMedLoss(in_dim=2048, graph_size=16)
+    loss, stats = criterion(trunk(x_s), trunk(x_t), c_s, c_t, generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and 0 <= loss.item() <= 2 * 16
+    reached = {"encoder conv1": trunk[0].weight, "encoder layer4": trunk[7][2].conv3.weight,
+               "projector": criterion.projector[0].weight, "gcn layer 0": criterion.gcn.layers[0].weight,
+               "gcn layer 1": criterion.gcn.layers[1].weight}
+    for name, p in reached.items():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, f"no gradient reached {name}"
+    assert 0 <= float(stats["accuracy"]) <= 1 and 0 <= float(stats["identity_rate"]) <= 1
+
+
+@pytest.mark.parametrize("case", ["zeros", "constant", "duplicates"])
+def test_degenerate_batches_stay_finite(case):
+    fs, ft, cs, ct = _maps()
+    if case == "zeros":
+        fs, ft = torch.zeros_like(fs, requires_grad=True), torch.zeros_like(ft, requires_grad=True)
+    elif case == "constant":  # a constant image gives the same value at every position and for every sample
+        fs, ft = torch.ones_like(fs, requires_grad=True), torch.ones_like(ft, requires_grad=True)
+    else:  # every sample appears 4 times in a graph
+        fs = fs.detach()[::4].repeat_interleave(4, 0).requires_grad_()
+        ft = ft.detach()[::4].repeat_interleave(4, 0).requires_grad_()
+        cs, ct = cs[::4].repeat_interleave(4, 0), ct[::4].repeat_interleave(4, 0)
+    criterion = LVMMedLoss(in_dim=D)
+    aff = criterion.affinities(fs, ft, cs, ct)
+    assert torch.isfinite(aff.c_v).all() and torch.isfinite(aff.c_e).all()
+    loss, stats = criterion.match(aff)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(v) for v in stats.values())
+    for p in [fs, ft, *criterion.parameters()]:
+        assert p.grad is None or torch.isfinite(p.grad).all()
+
+
+ABLATIONS = [
+    {}, {"second_order": False}, {"message_passing": False}, {"gumbel": False}, {"local_cost": False},
+    {"num_samples": 2}, {"method": "lap"}, {"gamma": 0.4, "alpha": 0.7}, {"reduction": "sum"},
+    {"projector_hidden_dim": 64},
+]
+
+
+def _name(options: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in options.items()) or "full"
+
+
+@pytest.mark.parametrize("options", ABLATIONS, ids=_name)
+def test_every_switch_runs_and_stats_are_consistent(options):
+    fs, ft, cs, ct = _maps()
+    criterion = LVMMedLoss(in_dim=D, **options)
+    assert (criterion.gcn is None) == (options.get("message_passing") is False)
+    loss, stats = criterion(fs, ft, cs, ct, generator=torch.Generator().manual_seed(1))
+    loss.backward()
+    assert fs.grad is not None and torch.isfinite(fs.grad).all()
+    acc, ham = float(stats["accuracy"]), float(stats["hamming"])
+    assert 0 <= acc <= 1 and 0 <= float(stats["identity_rate"]) <= 1
+    if options.get("num_samples", 1) == 1:  # a permutation misses 2 entries per wrongly matched node
+        assert ham == pytest.approx(2 * 16 * (1 - acc))
+    assert loss.item() == pytest.approx(ham * (2 if options.get("reduction") == "sum" else 1))
+
+
+def test_identity_objective_matches_eq4_by_hand():
+    fs, ft, cs, ct = _maps()
+    criterion = LVMMedLoss(in_dim=D)
+    aff = criterion.affinities(fs, ft, cs, ct)
+    _, stats = criterion.match(aff)
+    total = 0.0
+    for g in range(2):
+        total += float(aff.c_v[g].detach().diagonal().sum())
+        for e, (i, j) in enumerate(aff.edges_s[g].tolist()):
+            for f, (a, b) in enumerate(aff.edges_t[g].tolist()):
+                if i == a and j == b:  # identity matches edge (i, j) with edge (i, j)
+                    total += float(aff.c_e[g, e, f].detach())
+    assert float(stats["identity_objective"]) == pytest.approx(total / 2, rel=1e-4)
+
+
+def test_identical_views_are_matched_exactly():
+    """Same maps and coordinates in both views, constant noise: the identity is the Eq. 4 optimum."""
+    fs, _, cs, _ = _maps(noise=0.0)
+    criterion = LVMMedLoss(in_dim=D, gumbel=False)
+    loss, stats = criterion(fs, fs.detach().clone(), cs, cs)
+    assert float(stats["accuracy"]) == 1.0 and float(stats["identity_rate"]) == 1.0 and loss.item() == 0.0
+    assert float(stats["objective"]) == pytest.approx(float(stats["identity_objective"]))
+
+
+def test_imle_gradient_raises_the_gold_affinities():
+    """Algorithm 1 with the Hamming loss: descent on c_v raises the diagonal and lowers wrong matches."""
+    fs, ft, cs, ct = _maps(noise=2.0)
+    criterion = LVMMedLoss(in_dim=D)
+    aff = criterion.affinities(fs, ft, cs, ct)
+    aff.c_v.retain_grad()
+    loss, stats = criterion.match(aff, generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert float(stats["accuracy"]) < 1
+    grad = aff.c_v.grad
+    assert (grad.diagonal(dim1=1, dim2=2) <= 0).all() and grad.diagonal(dim1=1, dim2=2).sum() < 0
+    assert (grad - torch.diag_embed(grad.diagonal(dim1=1, dim2=2)) >= 0).all()
+
+
+def test_coordinates_at_pixel_or_feature_resolution_agree_and_views_may_differ_in_size():
+    fs, ft, cs, ct = _maps()
+    criterion = LVMMedLoss(in_dim=D)
+    a = criterion.affinities(fs, ft, cs, ct)
+    b = criterion.affinities(fs, ft, pool_coords(cs, (3, 3)), pool_coords(ct, (3, 3)))
+    torch.testing.assert_close(a.c_v, b.c_v)
+    small = torch.randn(N, D, 2, 2)  # a local crop's smaller map
+    assert criterion.affinities(fs, small, cs, ct).c_v.shape == (2, 16, 16)
+
+
+def test_autocast_inputs_give_float32_affinities():
+    conv = nn.Conv2d(3, D, 3, stride=4)
+    x = torch.rand(N, 3, 12, 12)
+    criterion = LVMMedLoss(in_dim=D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        feats = conv(x)
+        assert feats.dtype == torch.bfloat16
+        aff = criterion.affinities(feats, feats, torch.rand(N, 2, 12, 12), torch.rand(N, 2, 12, 12))
+        loss, _ = criterion.match(aff)
+    assert aff.c_v.dtype == torch.float32 and aff.c_e.dtype == torch.float32
+    loss.backward()
+    assert torch.isfinite(conv.weight.grad).all()
+
+
+def test_bad_inputs_fail_clearly():
+    fs, ft, cs, ct = _maps()
+    criterion = LVMMedLoss(in_dim=D)
+    with pytest.raises(ValueError, match="multiple of graph_size"):
+        criterion(fs[:24], ft[:24], cs[:24], ct[:24])
+    with pytest.raises(ValueError, match="D=24"):
+        criterion(fs[:, :8], ft[:, :8], cs, ct)
+    with pytest.raises(ValueError, match="needs coords_s"):
+        criterion(fs, ft)
+    bad = ft.detach().clone()
+    bad[3, 5, 1, 2] = float("nan")  # one position of one channel of one sample
+    with pytest.raises(ValueError, match="feats_t"):
+        criterion(fs, bad, cs, ct)
+    with pytest.raises(ValueError, match="coords_s range"):
+        criterion(fs, ft, cs * 64, ct)  # pixel coordinates instead of normalised ones
+    with pytest.raises(ValueError, match="k < graph_size"):
+        LVMMedLoss(in_dim=D, k=16, graph_size=16)
+    LVMMedLoss(in_dim=D, local_cost=False)(fs, ft)  # no coordinates needed without the local cost

@@ -1,11 +1,13 @@
 """Seconds per epoch and final validation Dice: LVMMedTrainer vs nnU-Net's default trainer, same data/epochs.
 
 Both run through the real ``nnUNetv2_train`` on a tiny generated 2D dataset (planned by nnU-Net), one after
-the other in this run. LVMMedTrainer gets generated weights in the official ResNet-50 layout (random
+the other in this run, alternating for ``--rounds`` rounds (the median round counts, so a burst of load from
+other processes hits one round, not one side); both use the same ``nnUNet_n_proc_DA`` data-augmentation
+workers. LVMMedTrainer gets generated weights in the official ResNet-50 layout (random
 values: this measures cost, not the benefit of LVM-Med pretraining). The last line is the ratio of mean
 epoch times, LVMMedTrainer / nnUNetTrainer (goal on CPU: <= 1.3).
 
-    python benchmarks/nnunet_epoch.py --epochs 1 --device cpu
+    python benchmarks/nnunet_epoch.py --epochs 1 --device cpu [--rounds 3]
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,11 +55,13 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=8)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--rounds", type=int, default=1, help="alternating runs of both trainers")
+    parser.add_argument("--da-workers", default="2", help="nnUNet_n_proc_DA for both trainers")
     args = parser.parse_args()
     root = Path(args.workdir or tempfile.mkdtemp(prefix="nnunet_bench_"))
     dataset_id = 502
     env = dict(os.environ, nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"),
-               nnUNet_results=str(root / "res"), nnUNet_extTrainer=str(PLUGIN_DIR))
+               nnUNet_results=str(root / "res"), nnUNet_extTrainer=str(PLUGIN_DIR), nnUNet_n_proc_DA=args.da_workers)
     write_nnunet_raw_dataset(root / "raw", dataset_id, num_cases=args.cases, size=args.size)
     subprocess.run([str(BIN / "nnUNetv2_plan_and_preprocess"), "-d", str(dataset_id), "-c", "2d", "-np", "1"],
                    env=env, check=True, capture_output=True)
@@ -64,12 +69,16 @@ def main() -> None:
     torch.save(official_resnet50_state(), weights)
     env["LVMMED_WEIGHTS"] = str(weights)
     baseline, ours = trainer_names(args.epochs)
-    results = {name: run(name, env, args.device, dataset_id) for name in (baseline, ours)}
-    for name, (epochs, dice, wall) in results.items():
-        print(f"{name:28s} epochs {len(epochs)}  s/epoch {sum(epochs) / len(epochs):8.2f}  "
-              f"val Dice {dice:.4f}  wall {wall:.1f} s")
-    mean = {n: sum(r[0]) / len(r[0]) for n, r in results.items()}
-    print(f"epoch-time ratio {ours}/{baseline}: {mean[ours] / mean[baseline]:.3f}")
+    per_round: dict[str, list[float]] = {baseline: [], ours: []}
+    for r in range(args.rounds):
+        for name in (baseline, ours):
+            epochs, dice, wall = run(name, env, args.device, dataset_id)
+            per_round[name].append(sum(epochs) / len(epochs))
+            print(f"round {r}  {name:28s} epochs {len(epochs)}  s/epoch {per_round[name][-1]:8.2f}  "
+                  f"val Dice {dice:.4f}  wall {wall:.1f} s", flush=True)
+    med = {name: statistics.median(times) for name, times in per_round.items()}
+    print(f"median s/epoch: {baseline} {med[baseline]:.2f}, {ours} {med[ours]:.2f}")
+    print(f"epoch-time ratio {ours}/{baseline}: {med[ours] / med[baseline]:.3f}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ strictly into the encoder in ``initialize``, before the first epoch). Random ini
 Fine-tuning choices (why): AdamW instead of nnU-Net's SGD(0.99 momentum, lr 1e-2), which is tuned for
 random init and wrecks pretrained features early; decoder lr 1e-3, encoder lr 1e-4 (10x lower, as is
 usual for pretrained backbones and LVM-Med's own fine-tuning with Adam); linear warm-up over the first 5%
-of epochs (at least 1) then nnU-Net's poly decay per group; gradient clipping at 12 as nnU-Net does.
+of epochs (at least 1) then nnU-Net's poly decay per group; gradient clipping at 12 as nnU-Net does. AdamW
+runs fused (a single kernel over all tensors): its per-parameter loop dominated the CPU step time.
 """
 
 from __future__ import annotations
@@ -80,7 +81,9 @@ class LVMMedTrainer(nnUNetTrainer):
     def configure_optimizers(self):
         groups = encoder_decoder_param_groups(self._unwrapped(), self.initial_lr, self.encoder_lr_scale)
         groups = [dict(g, params=list(g["params"])) for g in groups]
-        optimizer = torch.optim.AdamW(groups, lr=self.initial_lr, weight_decay=self.weight_decay)
+        # fused: one kernel over all tensors; the per-parameter loop costs ~5x more per step on CPU (32M params)
+        fused = self.device.type in ("cpu", "cuda")
+        optimizer = torch.optim.AdamW(groups, lr=self.initial_lr, weight_decay=self.weight_decay, fused=fused)
         warmup = max(1, round(self.warmup_fraction * self.num_epochs))
         return optimizer, WarmupPolyLR(optimizer, self.num_epochs, warmup_steps=warmup)
 

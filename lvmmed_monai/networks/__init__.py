@@ -1,8 +1,13 @@
-"""Networks built on LVM-Med encoders: 2D U-Nets, classifier, detector."""
+"""Networks built on LVM-Med encoders: 2D U-Nets, classifier, detector, 2D-3D hybrid networks."""
 
 from lvmmed_monai.networks.classifier import LVMMedClassifier
 from lvmmed_monai.networks.detector import lvmmed_faster_rcnn
+from lvmmed_monai.networks.hybrid import LVMMedHybridBackbone, LVMMedHybridClassifier, LVMMedHybridSegNet
+from lvmmed_monai.networks.inter_slice import InterSliceTransformer
 from lvmmed_monai.networks.unet import LVMMedFlexibleUNet
 from lvmmed_monai.networks.vit_unetr import LVMMedViTUNETR
 
-__all__ = ["LVMMedFlexibleUNet", "LVMMedViTUNETR", "LVMMedClassifier", "lvmmed_faster_rcnn"]
+__all__ = [
+    "LVMMedFlexibleUNet", "LVMMedViTUNETR", "LVMMedClassifier", "lvmmed_faster_rcnn",
+    "LVMMedHybridBackbone", "LVMMedHybridClassifier", "LVMMedHybridSegNet", "InterSliceTransformer",
+]

@@ -5,12 +5,14 @@
 * :mod:`~lvmmed_monai.ssl.affinity`: vertex (global + local, Eq. 2-3) and edge (Eq. 4) affinities;
 * :mod:`~lvmmed_monai.ssl.matching`: batched LAP / QAP solvers (``solve_qap``);
 * :mod:`~lvmmed_monai.ssl.imle`: IMLE gradients through the solver (Eq. 6, Algorithm 1), Hamming loss;
-* :mod:`~lvmmed_monai.ssl.loss`: ``LVMMedLoss``, the whole step.
+* :mod:`~lvmmed_monai.ssl.loss`: ``LVMMedLoss``, the whole step;
+* :mod:`~lvmmed_monai.ssl.joint3d`: the Joint 2D-3D SSL tasks (Sinkhorn clustering, masked slices).
 """
 
 from lvmmed_monai.ssl.affinity import edge_affinity, global_affinity, local_affinity, vertex_affinity
 from lvmmed_monai.ssl.graph import GCN, Projector, knn_adjacency, knn_graph, normalized_adjacency
 from lvmmed_monai.ssl.imle import hamming_loss, imle_qap
+from lvmmed_monai.ssl.joint3d import ClusteringAgreementLoss, Joint3DLoss, MaskedSliceModeling, set_training_stage
 from lvmmed_monai.ssl.loss import GraphAffinities, LVMMedLoss, LVMMedLossOutput
 from lvmmed_monai.ssl.matching import QAP_SOLVERS, lawler_from_edges, qap_objective, solve_lap, solve_qap
 from lvmmed_monai.ssl.views import LVMMedViewsd, coordinate_grid, pool_coords, transform_with_coords
@@ -22,4 +24,5 @@ __all__ = [
     "QAP_SOLVERS", "lawler_from_edges", "qap_objective", "solve_lap", "solve_qap",
     "imle_qap", "hamming_loss",
     "LVMMedLoss", "LVMMedLossOutput", "GraphAffinities",
+    "ClusteringAgreementLoss", "MaskedSliceModeling", "Joint3DLoss", "set_training_stage",
 ]

@@ -1,0 +1,33 @@
+"""Attention layers along the slice axis of a volume, for the 2D-3D hybrid backbone.
+
+``SLICE_ATTENTION`` maps a name to a layer class with the interface ``layer(x (B, D, C), key_padding_mask)``;
+register another class there to use it in :class:`~lvmmed_monai.networks.hybrid.InterSliceTransformer`.
+"""
+
+from torch import nn
+
+from lvmmed_monai.layers.deformable_slice_attention import (
+    DeformableSliceAttention,
+    lengths_from_padding_mask,
+    lerp_gather,
+)
+from lvmmed_monai.layers.neighborhood_slice_attention import (
+    NeighborhoodSliceAttention,
+    import_natten,
+    neighborhood_mask,
+)
+
+SLICE_ATTENTION: dict[str, type[nn.Module]] = {
+    "deformable": DeformableSliceAttention,
+    "neighborhood": NeighborhoodSliceAttention,
+}
+
+__all__ = [
+    "SLICE_ATTENTION",
+    "DeformableSliceAttention",
+    "NeighborhoodSliceAttention",
+    "lengths_from_padding_mask",
+    "lerp_gather",
+    "neighborhood_mask",
+    "import_natten",
+]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,19 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_plugin import PLUGIN_DIR
-
 TRAINERS = ["LVMMedHybridTrainer", "LVMMedHybridTrainer_scratch", "LVMMedHybridTrainer_5epochs",
             "LVMMedHybridTrainer_1epoch_5iters"]
 BIN = Path(sys.executable).parent
 DATASET_ID = 503
-
-
-def _env(root: Path, **extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"), nnUNet_results=str(root / "res"),
-               nnUNet_extTrainer=str(PLUGIN_DIR), nnUNet_n_proc_DA="1", **extra)
-    return env
 
 
 def write_phantom_volumes(raw: Path, num_cases: int = 6, shape: tuple[int, int, int] = (40, 40, 12)) -> Path:
@@ -55,16 +45,16 @@ def write_phantom_volumes(raw: Path, num_cases: int = 6, shape: tuple[int, int, 
 
 
 @pytest.fixture(scope="module")
-def planned(tmp_path_factory) -> Path:
+def planned(tmp_path_factory, nnunet_env) -> Path:
     """The phantoms planned and preprocessed by nnU-Net itself (its real 3d_fullres plan)."""
     root = tmp_path_factory.mktemp("nnunet3d")
     write_phantom_volumes(root / "raw")
     subprocess.run([str(BIN / "nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "1"],
-                   env=_env(root), check=True, capture_output=True)
+                   env=nnunet_env(root), check=True, capture_output=True)
     return root
 
 
-def test_hybrid_trainers_are_found_through_ext_trainer(tmp_path):
+def test_hybrid_trainers_are_found_through_ext_trainer(tmp_path, nnunet_env):
     code = (
         "from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as f\n"
         "from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer\n"
@@ -72,12 +62,12 @@ def test_hybrid_trainers_are_found_through_ext_trainer(tmp_path):
         "    c = f(n); assert c.__name__ == n and issubclass(c, nnUNetTrainer), (n, c)\n"
         f"print('found', {len(TRAINERS)})"
     )
-    out = subprocess.run([sys.executable, "-c", code], env=_env(tmp_path), capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code], env=nnunet_env(tmp_path), capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"found {len(TRAINERS)}" in out.stdout
 
 
-def test_network_from_real_3d_plan_gives_nnunet_deep_supervision_shapes(planned):
+def test_network_from_real_3d_plan_gives_nnunet_deep_supervision_shapes(planned, nnunet_env):
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from nnunet_plugin.lvmmed_hybrid_trainer import LVMMedHybridTrainer

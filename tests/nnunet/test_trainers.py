@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,6 @@ import torch
 
 from lvmmed_monai.data import official_resnet50_state
 from lvmmed_monai.data.synthetic import write_nnunet_raw_dataset
-from nnunet_plugin import PLUGIN_DIR
 
 TRAINERS = [
     "LVMMedTrainer", "LVMMedTrainer_scratch", "LVMMedTrainer_frozenEncoder", "LVMMedTrainer_warmupUnfreeze",
@@ -25,31 +23,24 @@ BIN = Path(sys.executable).parent
 DATASET_ID = 501
 
 
-def _env(root: Path, **extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(nnUNet_raw=str(root / "raw"), nnUNet_preprocessed=str(root / "pre"), nnUNet_results=str(root / "res"),
-               nnUNet_extTrainer=str(PLUGIN_DIR), nnUNet_n_proc_DA="1", **extra)
-    return env
-
-
 @pytest.fixture(scope="module")
-def planned(tmp_path_factory) -> Path:
+def planned(tmp_path_factory, nnunet_env) -> Path:
     """A tiny raw dataset, planned and preprocessed by nnU-Net itself (its real 2d plan)."""
     root = tmp_path_factory.mktemp("nnunet")
     write_nnunet_raw_dataset(root / "raw", DATASET_ID, num_cases=6, size=64)
     subprocess.run([str(BIN / "nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", "2d", "-np", "1"],
-                   env=_env(root), check=True, capture_output=True)
+                   env=nnunet_env(root), check=True, capture_output=True)
     return root
 
 
-def test_every_trainer_is_found_through_ext_trainer(tmp_path):
+def test_every_trainer_is_found_through_ext_trainer(tmp_path, nnunet_env):
     code = (
         "from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as f\n"
         f"for n in {TRAINERS!r}:\n"
         "    c = f(n); assert c.__name__ == n, (n, c)\n"
         "print('found', len(" + repr(TRAINERS) + "))"
     )
-    out = subprocess.run([sys.executable, "-c", code], env=_env(tmp_path), capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code], env=nnunet_env(tmp_path), capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"found {len(TRAINERS)}" in out.stdout
 
@@ -61,7 +52,7 @@ def _plan(root: Path):
     return PlansManager(str(folder / "nnUNetPlans.json")).get_configuration("2d"), folder
 
 
-def test_network_from_real_plan_gives_deep_supervision_shapes(planned):
+def test_network_from_real_plan_gives_deep_supervision_shapes(planned, nnunet_env):
     from nnunet_plugin.lvmmed_trainers import LVMMedTrainer, LVMMedViTTrainer
 
     config, _ = _plan(planned)
@@ -80,12 +71,12 @@ def test_network_from_real_plan_gives_deep_supervision_shapes(planned):
     assert vit(torch.rand(1, 1, *patch)).shape == (1, 3, *patch)
 
 
-def test_missing_weights_is_a_clear_error_before_training(planned, monkeypatch):
+def test_missing_weights_is_a_clear_error_before_training(planned, monkeypatch, nnunet_env):
     from nnunet_plugin.lvmmed_trainers import LVMMedTrainer
 
     config_folder = _plan(planned)[1]
     dataset_json = json.loads((config_folder / "dataset.json").read_text())
-    for key, value in _env(planned).items():
+    for key, value in nnunet_env(planned).items():
         if key.startswith("nnUNet"):
             monkeypatch.setenv(key, value)
 
@@ -100,14 +91,14 @@ def test_missing_weights_is_a_clear_error_before_training(planned, monkeypatch):
         LVMMedTrainer(plans(), "2d", 0, dataset_json, torch.device("cpu"))
 
 
-def test_train_and_predict_end_to_end_scores_dice(planned):
+def test_train_and_predict_end_to_end_scores_dice(planned, nnunet_env):
     """nnUNetv2_train with LVMMedTrainer_1epoch_50iters and LVM-Med-layout weights, nnUNetv2_predict with
     the same -tr, then Dice of the prediction against the reference label."""
     import nibabel as nib
 
     weights = planned / "lvmmed_resnet.torch"
     torch.save(official_resnet50_state(), weights)
-    env = _env(planned, LVMMED_WEIGHTS=str(weights))
+    env = nnunet_env(planned, LVMMED_WEIGHTS=str(weights))
     tr = "LVMMedTrainer_1epoch_50iters"
     train = subprocess.run([str(BIN / "nnUNetv2_train"), str(DATASET_ID), "2d", "0", "-tr", tr, "-device", "cpu"],
                            env=env, capture_output=True, text=True)
@@ -118,7 +109,7 @@ def test_train_and_predict_end_to_end_scores_dice(planned):
     pred = subprocess.run(
         [str(BIN / "nnUNetv2_predict"), "-i", str(raw / "imagesTr"), "-o", str(out_dir), "-d", str(DATASET_ID),
          "-c", "2d", "-f", "0", "-tr", tr, "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"],
-        env=_env(planned), capture_output=True, text=True)  # no LVMMED_WEIGHTS needed to predict
+        env=nnunet_env(planned), capture_output=True, text=True)  # no LVMMED_WEIGHTS needed to predict
     assert pred.returncode == 0, pred.stdout[-3000:] + pred.stderr[-3000:]
     dices = []
     for label_file in sorted((raw / "labelsTr").glob("*.nii.gz")):

@@ -15,13 +15,7 @@ from lvmmed_monai.ssl.imle import hamming_loss, imle_qap
 LAM = 80.0
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add fork/join waits on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add waits
 
 
 def _knn(z: torch.Tensor, k: int) -> torch.Tensor:

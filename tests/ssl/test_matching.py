@@ -20,14 +20,7 @@ from lvmmed_monai.ssl.matching import (
     solve_qap,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: intra-op threads only add fork/join waits on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add waits
 
 
 def _gumbel(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:

@@ -2,13 +2,16 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo pretrain test lint bench clean
 
 setup:
 	@bash scripts/setup.sh
 
 demo: setup
 	$(VENV)/bin/lvmmed demo --out outputs/demo
+
+pretrain: setup
+	$(PY) -m monai.bundle run --config_file bundles/lvmmed_pretrain/configs/train.yaml
 
 test: setup
 	$(PY) -m ruff check .

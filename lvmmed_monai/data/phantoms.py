@@ -1,0 +1,181 @@
+"""Generated medical-like phantoms: the pretraining bundle's built-in collection and a labeled probe set.
+
+Nothing is downloaded (DESIGN.md). :func:`write_default_collection` writes, once, a small mixed collection in
+the file formats users have, so that the whole file pipeline runs on it: CT-like torso volumes as NIfTI
+(Hounsfield units), MR-like head volumes as DICOM series (through SimpleITK), chest-radiograph-like PNGs and
+ultrasound-like JPEGs, one sub-folder per modality. :func:`shape_phantoms` makes a labeled 2D set (4 object
+shapes on textured backgrounds) for the frozen-encoder probes of ``evaluate.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["write_default_collection", "shape_phantoms", "SHAPE_CLASSES"]
+
+SHAPE_CLASSES = ("ellipse", "rectangle", "triangle", "cross")
+_COLLECTION_VERSION = 1
+
+
+def _grid(shape: tuple[int, ...]) -> list[np.ndarray]:
+    return np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
+
+
+def _ellipsoid(coords: list[np.ndarray], centre: np.ndarray, radii: np.ndarray) -> np.ndarray:
+    return sum(((c - m) / r) ** 2 for c, m, r in zip(coords, centre, radii, strict=True)) <= 1
+
+
+def _torso_ct(rng: np.random.Generator, shape: tuple[int, int, int] = (96, 96, 28)) -> np.ndarray:
+    """CT-like torso in HU: body, fat rim, two lungs, spine, liver, vessels; shapes drift along z."""
+    x, y, z = _grid(shape)
+    vol = np.full(shape, -1000.0)
+    body_r = np.array([0.85, 0.6, 2.0]) * rng.uniform(0.85, 1.05, 3)
+    body = _ellipsoid([x, y, z], np.zeros(3), body_r)
+    vol[body] = -100.0
+    vol[_ellipsoid([x, y, z], np.zeros(3), body_r - [0.08, 0.08, 0])] = 40.0
+    for side in (-1, 1):
+        lung = _ellipsoid([x, y, z], np.array([0.4 * side, -0.05, rng.uniform(-0.3, 0.3)]),
+                          np.array([0.28, 0.38, 1.1]) * rng.uniform(0.8, 1.1, 3))
+        vol[lung & body] = -820.0
+    vol[_ellipsoid([x, y], np.array([0.0, 0.42]), np.array([0.12, 0.12]))] = 700.0
+    vol[_ellipsoid([x, y, z], np.array([-0.35, 0.1, -0.8]), np.array([0.4, 0.35, 0.9]))] = 60.0
+    for _ in range(3):
+        c = np.append(rng.uniform(-0.3, 0.3, 2), 0)
+        vol[_ellipsoid([x, y], c[:2], np.array([0.05, 0.05]) * rng.uniform(0.7, 1.5))] = 200.0
+    return vol + rng.normal(0, 15, shape)
+
+
+def _head_mr(rng: np.random.Generator, shape: tuple[int, int, int] = (80, 80, 20)) -> np.ndarray:
+    """MR-like head: skull ring, brain, two ventricles and an optional bright lesion (arbitrary units)."""
+    x, y, z = _grid(shape)
+    r = np.array([0.8, 0.9, 1.6]) * rng.uniform(0.9, 1.05, 3)
+    vol = np.zeros(shape)
+    vol[_ellipsoid([x, y, z], np.zeros(3), r)] = 300.0
+    vol[_ellipsoid([x, y, z], np.zeros(3), r - [0.1, 0.1, 0.1])] = 650.0
+    for side in (-1, 1):
+        vol[_ellipsoid([x, y, z], np.array([0.15 * side, -0.05, 0]), np.array([0.1, 0.3, 0.6]))] = 150.0
+    if rng.random() < 0.7:
+        c = np.append(rng.uniform(-0.4, 0.4, 2), rng.uniform(-0.5, 0.5))
+        vol[_ellipsoid([x, y, z], c, np.full(3, rng.uniform(0.08, 0.2)))] = 950.0
+    return np.clip(vol + rng.normal(0, 20, shape), 0, None)
+
+
+def _chest_xray(rng: np.random.Generator, size: int = 128) -> np.ndarray:
+    """Radiograph-like 2D image in [0, 1]: bright body, dark lungs with rib bands, heart shadow."""
+    y, x = _grid((size, size))
+    img = 0.15 + 0.55 * _ellipsoid([x, y], np.zeros(2), np.array([0.9, 1.1]))
+    for side in (-1, 1):
+        lung = _ellipsoid([x, y], np.array([0.38 * side, -0.1]), np.array([0.3, 0.55]) * rng.uniform(0.85, 1.1))
+        ribs = 0.12 * (np.sin(y * rng.uniform(14, 20) + side * x * 3) > 0.6)
+        img = np.where(lung, 0.25 + ribs, img)
+    img = np.where(_ellipsoid([x, y], np.array([0.1, 0.2]), np.array([0.25, 0.3]) * rng.uniform(0.8, 1.2, 2)),
+                   0.6, img)
+    return np.clip(img + rng.normal(0, 0.03, img.shape), 0, 1)
+
+
+def _ultrasound(rng: np.random.Generator, size: int = 112) -> np.ndarray:
+    """Ultrasound-like 2D image: a fan with speckle and one or two dark cysts."""
+    y, x = _grid((size, size))
+    radius, angle = np.hypot(x, y + 1.0), np.arctan2(x, y + 1.0)
+    fan = (radius < 1.9) & (np.abs(angle) < rng.uniform(0.5, 0.7))
+    img = fan * (0.5 + 0.2 * np.sin(radius * rng.uniform(4, 8)))
+    for _ in range(rng.integers(1, 3)):
+        c = np.array([rng.uniform(-0.3, 0.3), rng.uniform(0.0, 0.6)])
+        img = np.where(_ellipsoid([x, y], c, rng.uniform(0.08, 0.2, 2)) & fan, 0.08, img)
+    return np.clip(img * rng.gamma(4.0, 0.25, img.shape), 0, 1)
+
+
+def _write_dicom_series(volume: np.ndarray, folder: Path, modality: str = "MR") -> None:
+    import SimpleITK as sitk
+
+    folder.mkdir(parents=True, exist_ok=True)
+    img = sitk.GetImageFromArray(np.ascontiguousarray(np.moveaxis(volume, -1, 0)).astype(np.int16))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    uid = "1.2.826.0.1.3680043.2.1125." + "".join(str(d) for d in np.random.default_rng(len(str(folder))).integers(
+        0, 10, 12))
+    for k in range(img.GetDepth()):
+        sl = img[:, :, k]
+        for tag, value in (("0008|0060", modality), ("0020|000e", uid), ("0020|0013", str(k + 1)),
+                           ("0020|0032", f"0\\0\\{k * 2.0}"), ("0020|0037", "1\\0\\0\\0\\1\\0"),
+                           ("0018|0050", "2.0"), ("0008|0008", "ORIGINAL\\PRIMARY\\AXIAL")):
+            sl.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"slice_{k:03d}.dcm"))
+        writer.Execute(sl)
+
+
+def write_default_collection(root: str | os.PathLike, seed: int = 0, scale: int = 1) -> Path:
+    """Write the built-in pretraining collection under ``root`` once and return its folder.
+
+    ``root/ct/*.nii.gz`` (3 torso volumes), ``root/mr/<series>/*.dcm`` (2 head series), ``root/xr/*.png``
+    (40 radiographs), ``root/us/*.jpg`` (24 ultrasound images); ``scale`` multiplies the counts. About 200
+    usable 2D images at scale 1. The folder is built in a temporary sibling and renamed, so an interrupted
+    call leaves nothing half-written; a later call with the same arguments returns at once.
+    """
+    import nibabel as nib
+    from PIL import Image
+
+    root = Path(root)
+    stamp = {"version": _COLLECTION_VERSION, "seed": seed, "scale": scale}
+    if (root / "collection.json").is_file() and json.loads((root / "collection.json").read_text()) == stamp:
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
+    try:
+        rng = np.random.default_rng(seed)
+        for sub in ("ct", "xr", "us"):
+            (tmp / sub).mkdir()
+        for i in range(3 * scale):
+            vol = _torso_ct(rng).astype(np.int16)
+            nib.save(nib.Nifti1Image(vol, np.diag([1.0, 1.0, 2.5, 1.0])), tmp / "ct" / f"torso_{i:02d}.nii.gz")
+        for i in range(2 * scale):
+            _write_dicom_series(_head_mr(rng), tmp / "mr" / f"series_{i:02d}")
+        for i in range(40 * scale):
+            Image.fromarray((_chest_xray(rng) * 255).astype(np.uint8)).save(tmp / "xr" / f"cxr_{i:03d}.png")
+        for i in range(24 * scale):
+            Image.fromarray((_ultrasound(rng) * 255).astype(np.uint8)).save(tmp / "us" / f"us_{i:03d}.jpg",
+                                                                            quality=90)
+        (tmp / "collection.json").write_text(json.dumps(stamp))
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
+
+
+def shape_phantoms(n: int, size: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Labeled probe set: ``(n, 1, size, size)`` float32 images in [0, 1] and ``(n,)`` labels.
+
+    Each image holds one object of class ``SHAPE_CLASSES[label]`` (random position, size, rotation and
+    contrast) on a smooth random background with noise; classes are balanced.
+    """
+    rng = np.random.default_rng(seed)
+    y, x = _grid((size, size))
+    images, labels = np.zeros((n, 1, size, size), np.float32), np.arange(n) % len(SHAPE_CLASSES)
+    rng.shuffle(labels)
+    for i, label in enumerate(labels):
+        cx, cy = rng.uniform(-0.35, 0.35, 2)
+        r, th = rng.uniform(0.25, 0.5), rng.uniform(0, np.pi)
+        u = ((x - cx) * np.cos(th) + (y - cy) * np.sin(th)) / r
+        v = (-(x - cx) * np.sin(th) + (y - cy) * np.cos(th)) / r
+        if label == 0:
+            mask = u**2 + (v / rng.uniform(0.5, 0.9)) ** 2 <= 1
+        elif label == 1:
+            mask = (np.abs(u) <= 1) & (np.abs(v) <= rng.uniform(0.5, 0.9))
+        elif label == 2:
+            mask = (v >= -0.5) & (v <= 1 - 1.7 * np.abs(u))
+        else:
+            w = rng.uniform(0.25, 0.4)
+            mask = ((np.abs(u) <= 1) & (np.abs(v) <= w)) | ((np.abs(v) <= 1) & (np.abs(u) <= w))
+        background = 0.3 + 0.15 * (rng.uniform(-1, 1) * x + rng.uniform(-1, 1) * y)
+        img = background + rng.uniform(0.25, 0.5) * mask * rng.choice([-1, 1])
+        images[i, 0] = np.clip(img + rng.normal(0, 0.05, img.shape), 0, 1)
+    return images, labels.astype(np.int64)

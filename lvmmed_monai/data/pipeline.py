@@ -1,0 +1,91 @@
+"""The pretraining data pipeline as the bundle builds it: collection -> slice index -> cached MONAI dataset
+-> seeded LVM-Med views.
+
+Deterministic work (reading a cached slice) is cached by MONAI's ``CacheDataset``; the
+random views run per sample with the sample's seed (:class:`~lvmmed_monai.data.sampling.SeededViewsDataset`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from monai.data import CacheDataset, Dataset
+from monai.transforms import Compose, NormalizeIntensityd, SelectItemsd
+
+from lvmmed_monai.data.phantoms import write_default_collection
+from lvmmed_monai.data.pretrain import LoadSliced, prepare_slices
+from lvmmed_monai.data.sampling import SeededViewsDataset
+from lvmmed_monai.ssl.views import LVMMedViewsd
+
+__all__ = ["pretrain_index", "pretrain_dataset"]
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def pretrain_index(
+    data: str | os.PathLike | Sequence[str | os.PathLike | Mapping] | None,
+    output_dir: str | os.PathLike,
+    axis: int = 2,
+    percentiles: tuple[float, float] = (0.5, 99.5),
+    min_slice_range: float = 0.05,
+    on_error: str = "skip",
+    max_size: int | None = 512,
+    cache_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+) -> list[dict]:
+    """Slice index of ``data`` (see :func:`~lvmmed_monai.data.pretrain.prepare_slices`).
+
+    ``data`` None or ``""`` uses the built-in generated collection, written once to
+    ``output_dir/default_data``. Slices are cached in ``cache_dir`` (default ``output_dir/slice_cache``).
+    In a process group, rank 0 prepares first and the others then read its cache.
+    """
+    out = Path(output_dir)
+    rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() \
+        else 0
+    if rank != 0:
+        _barrier()
+    if data is None or (isinstance(data, str) and not data.strip()):
+        data = write_default_collection(out / "default_data", seed=seed)
+    index = prepare_slices(data, cache_dir or out / "slice_cache", axis=axis, percentiles=percentiles,
+                           min_slice_range=min_slice_range, on_error=on_error, max_size=max_size)
+    if rank == 0:
+        _barrier()
+    return index
+
+
+def pretrain_dataset(
+    index: Sequence[Mapping],
+    image_size: int = 96,
+    encoder_name: str = "lvmmed_resnet50",
+    cache_rate: float = 1.0,
+    num_workers: int = 0,
+    views: Mapping | None = None,
+) -> SeededViewsDataset:
+    """Dataset of ``{image_s, image_t, coords_s, coords_t}`` for :class:`GlobalBatchSampler`'s ``(index, seed)``.
+
+    Args:
+        index: slice index from :func:`pretrain_index`.
+        image_size: size of both views.
+        encoder_name: picks the input normalisation (ImageNet or SAM statistics).
+        cache_rate: share of slices kept in memory after loading (``CacheDataset``; 0 reads each time).
+        num_workers: threads that fill the cache.
+        views: extra ``LVMMedViewsd`` arguments (crop scale, jitter, blur...).
+    """
+    from lvmmed_monai.engines.pretrain import input_normalization
+
+    load = [LoadSliced("image"), SelectItemsd(["image"])]
+    items = [dict(e) for e in index]
+    base = CacheDataset(items, Compose(load), cache_rate=cache_rate, num_workers=num_workers or None,
+                        progress=False) if cache_rate > 0 else Dataset(items, Compose(load))
+    mean, std = input_normalization(encoder_name)
+    random_part = Compose([
+        LVMMedViewsd("image", size=image_size, out_channels=3, **dict(views or {})),
+        NormalizeIntensityd(["image_s", "image_t"], subtrahend=mean, divisor=std, channel_wise=True),
+    ])
+    return SeededViewsDataset(base, random_part)

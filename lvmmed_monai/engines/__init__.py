@@ -1,0 +1,36 @@
+"""Training workflows on MONAI's engines: GM-SSL pretraining (the ``lvmmed_pretrain`` bundle wires these)."""
+
+from lvmmed_monai.engines.distributed import (
+    GlobalBatchNorm2d,
+    convert_sync_batchnorm,
+    distributed_setup,
+    get_rank,
+    get_world_size,
+    init_distributed,
+    is_main_process,
+    wrap_ddp,
+)
+from lvmmed_monai.engines.handlers import (
+    AtomicCheckpointSaver,
+    EncoderExportHandler,
+    PretrainProgressBar,
+    attach_checkpointing,
+    latest_checkpoint,
+)
+from lvmmed_monai.engines.pretrain import (
+    LVMMedPretrainModel,
+    LVMMedPretrainTrainer,
+    RNGState,
+    as_bool,
+    build_encoder,
+    halving_milestones,
+    input_normalization,
+)
+
+__all__ = [
+    "as_bool",
+    "LVMMedPretrainModel", "LVMMedPretrainTrainer", "RNGState", "build_encoder", "halving_milestones",
+    "input_normalization", "AtomicCheckpointSaver", "EncoderExportHandler", "PretrainProgressBar",
+    "latest_checkpoint", "attach_checkpointing", "GlobalBatchNorm2d", "distributed_setup",
+    "convert_sync_batchnorm", "wrap_ddp", "init_distributed", "get_rank", "get_world_size", "is_main_process",
+]

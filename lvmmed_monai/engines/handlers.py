@@ -1,0 +1,130 @@
+"""Handlers for the pretraining engine: atomic checkpoints, resume-from-latest, encoder export, progress bar.
+
+MONAI's ``CheckpointSaver`` writes with ``atomic=False`` (to keep group read permission), so a run killed
+while saving leaves a truncated ``.pt`` that "resume from the latest checkpoint" would pick;
+:class:`AtomicCheckpointSaver` writes to a temporary file and renames it (then sets the usual permissions).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+from ignite.engine import Engine, Events
+from ignite.handlers import DiskSaver
+from ignite.handlers import ProgressBar as _IgniteProgressBar
+from monai.handlers import CheckpointLoader, CheckpointSaver
+from torch import nn
+
+from lvmmed_monai.weights import export_encoder
+
+__all__ = ["AtomicCheckpointSaver", "latest_checkpoint", "attach_checkpointing", "EncoderExportHandler",
+           "PretrainProgressBar"]
+
+logger = logging.getLogger(__name__)
+_ITERATION = re.compile(r"iteration=(\d+)\.pt$")
+
+
+class _AtomicDiskSaver(DiskSaver):
+    """ignite's DiskSaver with ``atomic=True``, a fixed filename option, and ``0o644 & ~umask`` permissions."""
+
+    def __init__(self, dirname: str, filename: str | None = None) -> None:
+        super().__init__(dirname=dirname, require_empty=False, atomic=True)
+        self.filename = filename
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        filename = self.filename or filename
+        super().__call__(checkpoint, filename, metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(os.path.join(self.dirname, filename), 0o644 & ~umask)
+
+    def remove(self, filename: str) -> None:
+        super().remove(self.filename or filename)
+
+
+class AtomicCheckpointSaver(CheckpointSaver):
+    """MONAI ``CheckpointSaver`` whose files are written atomically (same arguments, same file names)."""
+
+    def __init__(self, save_dir: str, save_dict: dict, **kwargs) -> None:
+        super().__init__(save_dir, save_dict, **kwargs)
+        for ckpt in (self._interval_checkpoint, self._final_checkpoint, self._key_metric_checkpoint):
+            if ckpt is not None:
+                ckpt.save_handler = _AtomicDiskSaver(save_dir, getattr(ckpt.save_handler, "filename", None))
+
+
+def latest_checkpoint(ckpt_dir: str | os.PathLike) -> str | None:
+    """The checkpoint of the highest iteration in ``ckpt_dir`` (``*iteration=N.pt``, as CheckpointSaver names
+    them; the final one wins a tie), or None when there is none."""
+    folder = Path(ckpt_dir)
+    if not folder.is_dir():
+        return None
+    found = [(int(m.group(1)), "final" in p.name, p) for p in folder.glob("*.pt") if (m := _ITERATION.search(p.name))]
+    return str(max(found)[2]) if found else None
+
+
+def attach_checkpointing(
+    engine: Engine,
+    ckpt_dir: str | os.PathLike,
+    save_dict: dict,
+    save_interval: int,
+    n_saved: int | None = 2,
+    save: bool = True,
+    resume: bool = False,
+    map_location: object = None,
+) -> str | None:
+    """Checkpoint every ``save_interval`` iterations and at the end (atomic files in ``ckpt_dir``, keeping the
+    ``n_saved`` latest); with ``resume``, first load the latest checkpoint of ``ckpt_dir`` into ``save_dict``
+    when the run starts (a warning, and a fresh start, when there is none). Returns the resumed file.
+
+    ``save_dict`` should hold everything a run's continuation depends on: networks, optimizer, lr scheduler,
+    the trainer (iteration, epoch), the grad scaler and :class:`~lvmmed_monai.engines.pretrain.RNGState`.
+    """
+    path = latest_checkpoint(ckpt_dir) if resume else None
+    if resume and path is None:
+        logger.warning("resume=True but %s holds no checkpoint; starting from scratch", ckpt_dir)
+    if path is not None:
+        logger.info("resuming from %s", path)
+        CheckpointLoader(load_path=path, load_dict=save_dict, map_location=map_location).attach(engine)
+    if save:
+        AtomicCheckpointSaver(str(ckpt_dir), save_dict, save_final=True, save_interval=save_interval,
+                              epoch_level=False, n_saved=n_saved).attach(engine)
+    return path
+
+
+class EncoderExportHandler:
+    """At the end of training, write the encoder in the official LVM-Med layout (+ adaptation plan).
+
+    Args:
+        encoder: the trained encoder (not the DDP wrapper). path: output weights file.
+        patch_size: the pretraining image size, recorded in ``adaptation_plan.json``.
+        enabled: False on non-zero ranks.
+    """
+
+    def __init__(self, encoder: nn.Module, path: str | os.PathLike, patch_size: tuple[int, int] = (224, 224),
+                 enabled: bool = True) -> None:
+        self.encoder, self.path, self.patch_size, self.enabled = encoder, Path(path), tuple(patch_size), enabled
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if self.enabled:
+            path = export_encoder(self.encoder, self.path, patch_size=self.patch_size)
+            logger.info("exported the encoder (official LVM-Med layout) to %s", path)
+
+
+class PretrainProgressBar(_IgniteProgressBar):
+    """ignite's tqdm progress bar showing the loss and the matching accuracy; ``attach(engine)`` only, as
+    MONAI bundle handler lists call it."""
+
+    def __init__(self, enabled: bool = True, persist: bool = True, **kwargs) -> None:
+        super().__init__(persist=persist, **kwargs)
+        self.enabled = enabled
+
+    def attach(self, engine: Engine, *args, **kwargs) -> None:  # type: ignore[override]
+        if self.enabled:
+            super().attach(engine, output_transform=lambda out: {k: float(out[k]) for k in ("loss", "accuracy")})

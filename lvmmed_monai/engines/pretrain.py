@@ -1,0 +1,223 @@
+"""GM-SSL pretraining on MONAI's engine: the model, the trainer's iteration and the schedule.
+
+:class:`LVMMedPretrainTrainer` is MONAI's ``SupervisedTrainer`` with LVM-Med's iteration (two views and
+their coordinate maps -> ``encoder.feature_map`` -> :class:`~lvmmed_monai.ssl.LVMMedLoss` -> Adam step), so
+that MONAI's handlers (stats, TensorBoard, checkpoints, lr schedule) and bundle configs drive it unchanged.
+
+Reproducibility: the Gumbel noise of iteration ``i`` comes from a generator seeded with ``(seed, i, rank)``
+and the views of each sample from its own seed (:mod:`lvmmed_monai.data.sampling`), so a run resumed from a
+checkpoint replays the same losses without restoring any random stream; the torch RNG is checkpointed as
+well (:class:`RNGState`) for anything else that draws from it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+from ignite.engine import Events
+from monai.engines import SupervisedTrainer
+from torch import nn
+from torch.optim import Optimizer
+
+from lvmmed_monai.data.sampling import GlobalBatchSampler, derive_seed
+from lvmmed_monai.encoders import IMAGENET_MEAN, IMAGENET_STD, SAM_PIXEL_MEAN, SAM_PIXEL_STD, load_encoder
+from lvmmed_monai.engines.distributed import get_rank, get_world_size, is_distributed
+from lvmmed_monai.ssl.loss import LVMMedLoss, LVMMedLossOutput
+
+__all__ = ["as_bool", "LVMMedPretrainModel", "LVMMedPretrainTrainer", "RNGState", "build_encoder",
+           "input_normalization", "halving_milestones", "STAT_KEYS", "VIEW_KEYS"]
+
+STAT_KEYS = ("accuracy", "identity_rate", "objective", "identity_objective", "hamming", "retrieval_accuracy")
+VIEW_KEYS = ("image_s", "image_t", "coords_s", "coords_t")
+
+
+def as_bool(value: bool | int | str) -> bool:
+    """A config flag as a bool. ``--flag false`` reaches a bundle as the *string* "false" (fire only parses
+    ``False``), which Python reads as true; this accepts bools, 0/1 and true/false/yes/no/on/off strings."""
+    if isinstance(value, (bool, int)) and value in (0, 1):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off", "none", "null", ""):
+        return False
+    raise ValueError(f"expected a boolean flag (true/false), got {value!r}")
+
+
+def build_encoder(name: str, image_size: int, weights: str | None = None) -> nn.Module:
+    """The encoder to pretrain (3 input channels, the official layouts' stem); the ViT gets ``img_size``
+    tables for ``image_size`` and its SAM neck, unused by ``feature_map``, is frozen (DDP needs every
+    trainable parameter to get a gradient)."""
+    kwargs = {"img_size": image_size} if name == "lvmmed_vit_b" else {}
+    encoder = load_encoder(name, weights=weights, in_channels=3, **kwargs)
+    if hasattr(encoder, "neck"):
+        encoder.neck.requires_grad_(False)
+    return encoder
+
+
+def input_normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` for inputs in ``[0, 1]``: ImageNet's for the ResNet-50, SAM's (/255) for the ViT."""
+    if name == "lvmmed_vit_b":
+        return tuple(m / 255 for m in SAM_PIXEL_MEAN), tuple(s / 255 for s in SAM_PIXEL_STD)
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
+def halving_milestones(total_iterations: int, num_halvings: int = 4) -> list[int]:
+    """Iterations at which the lr halves: ``num_halvings`` evenly spaced steps (the paper halves its lr four
+    times over training; at 1/5 .. 4/5 of the run here), for ``torch.optim.lr_scheduler.MultiStepLR``."""
+    if total_iterations < 1 or num_halvings < 0:
+        raise ValueError(f"need total_iterations >= 1 and num_halvings >= 0, got {total_iterations}, {num_halvings}")
+    return [max(1, total_iterations * i // (num_halvings + 1)) for i in range(1, num_halvings + 1)]
+
+
+class LVMMedPretrainModel(nn.Module):
+    """Encoder + :class:`LVMMedLoss` (projector, GCN) as one module, the unit that DDP wraps and Adam trains.
+
+    ``world_size`` makes a multi-process step equal a 1-process step on the global batch: IMLE's backward
+    solve moves the costs by ``lam * dL/dX``, and with ``reduction="mean"`` dL/dX carries ``1 / G`` for the
+    ``G`` graphs of a process, not of the global batch; so ``lam`` is divided by ``world_size`` (the
+    gradient, ``(X - X') / lam``, then comes out ``world_size`` times larger, which DDP's averaging undoes).
+    With ``reduction="sum"`` the loss is also multiplied by ``world_size``.
+
+    Besides :class:`LVMMedLoss`'s statistics it reports ``retrieval_accuracy``: the share of images whose
+    highest vertex affinity ``c_v`` (Eq. 3, no noise) is with their own other view. The matching
+    ``accuracy`` is measured on the solver's Gumbel-perturbed matching, so it stays low (noise of scale 1 on
+    affinities in [-1, 1]) even for good features; retrieval shows the features' progress directly.
+    """
+
+    def __init__(self, encoder: nn.Module, criterion: LVMMedLoss, world_size: int | None = None) -> None:
+        super().__init__()
+        if not hasattr(encoder, "feature_map"):
+            raise TypeError(f"{type(encoder).__name__} has no feature_map(); use lvmmed_monai.load_encoder")
+        if getattr(encoder, "feature_dim", criterion.in_dim) != criterion.in_dim:
+            raise ValueError(f"LVMMedLoss(in_dim={criterion.in_dim}) does not match the encoder's feature_dim "
+                             f"{encoder.feature_dim}; set in_dim to it (2048 for ResNet-50, 768 for ViT-B)")
+        self.encoder, self.criterion = encoder, criterion
+        self.world_size = int(world_size if world_size is not None else get_world_size())
+        self.criterion.lam = criterion.lam / self.world_size
+
+    def forward(self, image_s: torch.Tensor, image_t: torch.Tensor, coords_s: torch.Tensor,
+                coords_t: torch.Tensor, generator: torch.Generator | None = None) -> LVMMedLossOutput:
+        n = image_s.shape[0]
+        if image_s.shape == image_t.shape:  # one encoder pass for both views
+            feats = self.encoder.feature_map(torch.cat([image_s, image_t]))
+            feats_s, feats_t = feats[:n], feats[n:]
+        else:
+            feats_s, feats_t = self.encoder.feature_map(image_s), self.encoder.feature_map(image_t)
+        aff = self.criterion.affinities(feats_s, feats_t, coords_s, coords_t)
+        loss, stats = self.criterion.match(aff, generator)
+        with torch.no_grad():  # noise-free view retrieval: is each image's best c_v partner its own other view?
+            best = aff.c_v.detach().argmax(-1)
+            stats["retrieval_accuracy"] = (best == torch.arange(best.shape[-1], device=best.device)).float().mean()
+        if self.criterion.reduction == "sum":
+            loss = loss * self.world_size
+        return LVMMedLossOutput(loss, stats)
+
+
+class RNGState:
+    """Checkpointable torch (CPU and CUDA) random state, for anything that draws from the global streams."""
+
+    def state_dict(self) -> dict:
+        state = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class LVMMedPretrainTrainer(SupervisedTrainer):
+    """``SupervisedTrainer`` running LVM-Med's iteration on batches of ``image_s, image_t, coords_s, coords_t``.
+
+    Args:
+        device, max_epochs, train_data_loader, train_handlers, epoch_length: as for ``SupervisedTrainer``.
+        network: :class:`LVMMedPretrainModel`, possibly wrapped in DDP.
+        optimizer: over the encoder's and the loss's parameters (``network.parameters()``).
+        seed: seeds the per-iteration Gumbel generator ``(seed, iteration, rank)``.
+        clip_grad_norm: max global gradient norm (None: no clipping; the norm is still reported).
+        amp: float16 autocast with a gradient scaler; used on CUDA only (ignored on CPU).
+
+    Each iteration returns (and puts in ``engine.state.output``) 0-d tensors ``loss``, the
+    :data:`STAT_KEYS` (those of :class:`LVMMedLoss` and ``retrieval_accuracy``), ``grad_norm``, and floats
+    ``lr``, ``images_per_s`` (global images per second, data loading and handlers included) and ``step_s``
+    (seconds of this iteration's own work: transfer, forward, backward, optimizer step). In a process group
+    the tensors are averaged over the processes.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: torch.utils.data.DataLoader,
+        network: nn.Module,
+        optimizer: Optimizer,
+        seed: int = 0,
+        clip_grad_norm: float | None = 3.0,
+        amp: bool = False,
+        epoch_length: int | None = None,
+        train_handlers: Sequence | None = None,
+        non_blocking: bool = True,
+    ) -> None:
+        model = network.module if isinstance(network, nn.parallel.DistributedDataParallel) else network
+        if not isinstance(model, LVMMedPretrainModel):
+            raise TypeError(f"network must be an LVMMedPretrainModel (or DDP around one), got {type(model).__name__}")
+        device = torch.device(device)
+        super().__init__(device=device, max_epochs=max_epochs, train_data_loader=train_data_loader,
+                         network=network, optimizer=optimizer, loss_function=model.criterion,
+                         epoch_length=epoch_length, non_blocking=non_blocking, train_handlers=train_handlers,
+                         amp=False, decollate=False)
+        self.model, self.seed, self.clip_grad_norm = model, int(seed), clip_grad_norm
+        self.use_amp = bool(amp) and device.type == "cuda"
+        self.grad_scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.generator = torch.Generator(device=device)
+        self.rank, self.world_size = get_rank(), get_world_size()
+        self._last_end: float | None = None
+        sampler = getattr(train_data_loader, "sampler", None)
+        if isinstance(sampler, GlobalBatchSampler):
+            self.add_event_handler(Events.EPOCH_STARTED, self._resume_position, sampler)
+        self.add_event_handler(Events.STARTED, self._reset_clock)
+
+    def _reset_clock(self, _engine: LVMMedPretrainTrainer) -> None:
+        self._last_end = None
+
+    @staticmethod
+    def _resume_position(engine: LVMMedPretrainTrainer, sampler: GlobalBatchSampler) -> None:
+        """After a resume mid-epoch, skip the batches of this epoch that were already trained."""
+        done = engine.state.iteration - (engine.state.epoch - 1) * (engine.state.epoch_length or 0)
+        sampler.set_start_batch(max(0, done))
+
+    def _iteration(self, engine: LVMMedPretrainTrainer, batchdata: dict[str, torch.Tensor]) -> dict:
+        start = time.perf_counter()
+        missing = [k for k in VIEW_KEYS if k not in batchdata]
+        if missing:
+            raise ValueError(f"batch lacks {missing}; the data pipeline must end with LVMMedViewsd('image')")
+        x = {k: batchdata[k].to(engine.state.device, non_blocking=engine.non_blocking) for k in VIEW_KEYS}
+        self.generator.manual_seed(derive_seed(self.seed, engine.state.iteration, self.rank))
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(engine.state.device.type, dtype=torch.float16, enabled=self.use_amp):
+            loss, stats = engine.network(**x, generator=self.generator)
+        self.grad_scaler.scale(loss).backward()
+        self.grad_scaler.unscale_(engine.optimizer)
+        params = [p for g in engine.optimizer.param_groups for p in g["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm or float("inf"))
+        self.grad_scaler.step(engine.optimizer)
+        self.grad_scaler.update()
+        values = torch.stack([loss.detach().float(), *(stats[k].float() for k in STAT_KEYS), grad_norm.float()])
+        if is_distributed():
+            torch.distributed.all_reduce(values)
+            values = values / self.world_size
+        out: dict = dict(zip(("loss", *STAT_KEYS, "grad_norm"), values.unbind(), strict=True))
+        out["lr"] = float(engine.optimizer.param_groups[0]["lr"])
+        end = time.perf_counter()
+        out["step_s"] = end - start
+        batch = x["image_s"].shape[0] * self.world_size
+        out["images_per_s"] = batch / (end - (self._last_end if self._last_end is not None else start))
+        self._last_end = end
+        engine.state.output = out
+        return out

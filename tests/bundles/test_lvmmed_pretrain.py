@@ -1,0 +1,194 @@
+"""The lvmmed_pretrain bundle end to end on tiny settings (CPU): metadata, a 2-iteration CLI run and its
+outputs, kill + resume, 2-process DDP vs 1 process, a bad-data failure and the evaluation config."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lvmmed_monai import load_encoder
+from lvmmed_monai.data.phantoms import _chest_xray, _torso_ct
+
+REPO = Path(__file__).resolve().parents[2]
+BUNDLE = REPO / "bundles" / "lvmmed_pretrain"
+TRAIN = str(BUNDLE / "configs" / "train.yaml")
+MULTI = str(BUNDLE / "configs" / "multi_gpu_train.yaml")
+SCHEMA = REPO / "bundles" / "schema" / "meta_schema_20240725.json"
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # same float rounding in every run; modest CPU use
+CKPT_KEYS = {"encoder", "criterion", "optimizer", "lr_scheduler", "trainer", "grad_scaler", "rng"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    """A tiny mixed collection (2 NIfTI volumes + 12 PNGs, about 30 slices) and overrides for tiny runs."""
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    (root / "data" / "ct").mkdir(parents=True)
+    (root / "data" / "xr").mkdir(parents=True)
+    for i in range(2):
+        vol = _torso_ct(rng, shape=(48, 48, 9)).astype(np.int16)
+        nib.save(nib.Nifti1Image(vol, np.eye(4)), root / "data" / "ct" / f"v{i}.nii.gz")
+    for i in range(12):
+        Image.fromarray((_chest_xray(rng, 64) * 255).astype(np.uint8)).save(root / "data" / "xr" / f"x{i}.png")
+    return {"root": root, "overrides": {
+        "data": str(root / "data"), "cache_dir": str(root / "cache"), "image_size": 32, "batch_size": 16,
+        "graph_size": 8, "k": 3, "gamma": 4, "progress_bar": False, "num_workers": 0, "log_every": 1}}
+
+
+def _cli(overrides: dict) -> list[str]:
+    args = []
+    for key, value in overrides.items():
+        args += [f"--{key}", json.dumps(value) if isinstance(value, (list, dict)) else str(value)]
+    return args
+
+
+def _run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=timeout, cwd=REPO)
+
+
+def _scalars(log_dir: Path, tag: str) -> dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def test_metadata_verifies_against_the_schema_in_the_repo(tmp_path):
+    from monai.bundle import verify_metadata
+
+    verify_metadata(meta_file=str(BUNDLE / "configs" / "metadata.json"), filepath=str(SCHEMA))
+    broken = json.loads((BUNDLE / "configs" / "metadata.json").read_text())
+    del broken["network_data_format"]
+    (tmp_path / "metadata.json").write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match="'network_data_format' is a required property"):  # the check is real
+        verify_metadata(meta_file=str(tmp_path / "metadata.json"), filepath=str(SCHEMA))
+
+
+@pytest.fixture(scope="module")
+def two_iterations(tiny) -> Path:
+    """``python -m monai.bundle run`` for 2 iterations (32 samples, batch 16), a checkpoint every iteration."""
+    out = tiny["root"] / "run2"
+    over = {**tiny["overrides"], "output_dir": str(out), "max_epochs": 1, "samples_per_epoch": 32,
+            "ckpt_interval": 1}
+    proc = _run([str(BIN / "python"), "-m", "monai.bundle", "run", "--config_file", TRAIN, *_cli(over)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+def test_two_iteration_run_writes_encoder_and_full_checkpoint(two_iterations):
+    out = two_iterations
+    exported = out / "models" / "lvmmed_resnet.torch"
+    plan = json.loads((out / "models" / "adaptation_plan.json").read_text())
+    assert plan["weights_layout"] == "torchvision_resnet50" and plan["input_patch_size"] == [32, 32]
+    final = torch.load(out / "checkpoints" / "checkpoint_final_iteration=2.pt", weights_only=True)
+    first = torch.load(out / "checkpoints" / "checkpoint_iteration=1.pt", weights_only=True)
+    assert set(final) == CKPT_KEYS and final["trainer"]["iteration"] == 2
+    assert {"projector.0.weight", "gcn.layers.0.weight"} <= set(final["criterion"])
+    encoder = load_encoder("lvmmed_resnet50", weights=exported)  # strict by default
+    assert encoder.load_report.ok
+    state = encoder.state_dict()
+    assert all(torch.equal(state[k], final["encoder"][k]) for k in state)  # the export is the trained encoder
+    assert not torch.equal(first["encoder"]["layer4.2.conv3.weight"], final["encoder"]["layer4.2.conv3.weight"])
+    loss = _scalars(out / "logs", "loss")
+    assert sorted(loss) == [1, 2] and all(0 <= v <= 2 * 8 for v in loss.values())
+    assert _scalars(out / "logs", "lr")[1] == pytest.approx(1e-3)
+
+
+def test_evaluate_config_prints_pretrained_and_random_side_by_side(two_iterations):
+    proc = _run([str(BIN / "python"), "-m", "monai.bundle", "run", "--config_file",
+                 str(BUNDLE / "configs" / "evaluate.yaml"), "--output_dir", str(two_iterations),
+                 "--image_size", "32", "--num_train", "24", "--num_test", "24", "--knn_k", "3"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = dict(re.findall(r"^(pretrained|random init)\s+([0-9.]+\s+[0-9.]+)\s*$", proc.stdout, re.M))
+    assert set(rows) == {"pretrained", "random init"}
+    assert all(0.0 <= float(v) <= 1.0 for row in rows.values() for v in row.split())
+
+
+def _workflow(tiny: dict, out: Path, record: Path, kill_at: int = 0, **extra) -> subprocess.CompletedProcess:
+    over = {**tiny["overrides"], "output_dir": str(out), "max_epochs": 2, "samples_per_epoch": 48,
+            "ckpt_interval": 2, **extra}
+    helper = str(Path(__file__).with_name("_run_workflow.py"))
+    return _run([str(BIN / "python"), helper, TRAIN, str(record), str(kill_at), json.dumps(over)])
+
+
+def _records(path: Path) -> dict[int, dict]:
+    return {r["iteration"]: r for r in map(json.loads, path.read_text().splitlines())}
+
+
+def test_killed_run_resumed_from_latest_checkpoint_repeats_the_uninterrupted_losses(tiny, tmp_path):
+    # 2 epochs x 3 iterations; checkpoints at 2, 4, 6; SIGKILL after iteration 5 -> resume from 4, mid-epoch 2
+    full = _workflow(tiny, tmp_path / "full", tmp_path / "full.jsonl")
+    assert full.returncode == 0, full.stderr[-3000:]
+    killed = _workflow(tiny, tmp_path / "cut", tmp_path / "cut.jsonl", kill_at=5)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    ckpts = sorted(p.name for p in (tmp_path / "cut" / "checkpoints").glob("*.pt"))
+    assert ckpts == ["checkpoint_iteration=2.pt", "checkpoint_iteration=4.pt"]
+    resumed = _workflow(tiny, tmp_path / "cut", tmp_path / "resumed.jsonl", resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    ref, cut, res = (_records(tmp_path / f"{n}.jsonl") for n in ("full", "cut", "resumed"))
+    assert sorted(ref) == [1, 2, 3, 4, 5, 6] and sorted(cut) == [1, 2, 3, 4, 5] and sorted(res) == [5, 6]
+    for it in (5, 6):  # exact: same data, views, Gumbel noise, weights, Adam and lr-schedule state
+        for key in ("loss", "accuracy", "objective", "identity_objective", "grad_norm", "lr"):
+            assert res[it][key] == ref[it][key], (it, key, res[it][key], ref[it][key])
+    assert ref[6]["lr"] == pytest.approx(1e-3 / 16)  # halved four times over the 6 iterations
+    a = load_encoder("lvmmed_resnet50", weights=tmp_path / "full" / "models" / "lvmmed_resnet.torch").state_dict()
+    b = load_encoder("lvmmed_resnet50", weights=tmp_path / "cut" / "models" / "lvmmed_resnet.torch").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_process_ddp_on_cpu_equals_one_process_on_the_global_batch(tiny, tmp_path):
+    """Global batch 32 = 2 graphs of 16; DDP gives each of 2 gloo processes one graph, 3 iterations.
+
+    Gumbel noise off (it is drawn per process). The backward of a randomly initialised ResNet-50 is chaotic
+    in float32: a 1e-6 relative change of its input changes input gradients by ~2%, and float32 vs float64
+    differ as much; so gradients can only agree to ~1% and, after an Adam step (which moves every weight by
+    ~lr whatever its gradient's size), weights by ~lr. With lr 1e-7 the three iterations see the same
+    features up to rounding. Tolerances: losses, accuracies, Hamming distances equal; solver objectives
+    within 1e-4 relative; gradient norm within 2e-2 relative (a wrong IMLE lambda scaling or unsynchronised
+    BatchNorm would change it by ~2x / change the objectives); exported weights within 1e-6 + 1e-5 relative,
+    BatchNorm running statistics within 1e-5 + 1e-3 relative (float64 sums on 2 processes vs PyTorch's
+    float32 kernel, for channels of near-zero variance)."""
+    over = {**tiny["overrides"], "batch_size": 32, "graph_size": 16, "k": 5, "gumbel": False, "max_epochs": 1,
+            "samples_per_epoch": 96, "ckpt_interval": 100, "lr": 1e-7}
+    one = _run([str(BIN / "python"), "-m", "monai.bundle", "run", "--config_file", TRAIN,
+                *_cli({**over, "output_dir": str(tmp_path / "one")})])
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "monai.bundle", "run",
+                "--config_file", f"['{TRAIN}','{MULTI}']", *_cli({**over, "output_dir": str(tmp_path / "two")})])
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    logs1, logs2 = tmp_path / "one" / "logs", tmp_path / "two" / "logs"
+    for tag in ("loss", "accuracy", "hamming"):
+        assert _scalars(logs2, tag) == _scalars(logs1, tag), tag
+    for tag, rel in (("objective", 1e-4), ("identity_objective", 1e-4), ("grad_norm", 2e-2)):
+        s1, s2 = _scalars(logs1, tag), _scalars(logs2, tag)
+        assert sorted(s1) == sorted(s2) == [1, 2, 3]
+        for step in s1:
+            assert s2[step] == pytest.approx(s1[step], rel=rel), (tag, step, s1, s2)
+    a = load_encoder("lvmmed_resnet50", weights=tmp_path / "one" / "models" / "lvmmed_resnet.torch").state_dict()
+    b = load_encoder("lvmmed_resnet50", weights=tmp_path / "two" / "models" / "lvmmed_resnet.torch").state_dict()
+    for key in a:  # weights move <= ~lr per step; BatchNorm running statistics follow the batch statistics
+        tol = {"rtol": 1e-3, "atol": 1e-5} if "running_" in key else {"rtol": 1e-5, "atol": 1e-6}
+        torch.testing.assert_close(b[key], a[key], **tol)
+
+
+def test_bad_file_with_on_bad_data_raise_stops_with_a_clear_message(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.fromarray((_chest_xray(np.random.default_rng(0), 64) * 255).astype(np.uint8)).save(data / "ok.png")
+    (data / "broken.nii.gz").write_bytes(b"\x00not a volume" * 20)
+    proc = _run([str(BIN / "python"), "-m", "monai.bundle", "run", "--config_file", TRAIN, "--data", str(data),
+                 "--output_dir", str(tmp_path / "out"), "--on_bad_data", "raise", "--progress_bar", "false"])
+    assert proc.returncode != 0
+    assert re.search(r"PretrainDataError: .*broken\.nii\.gz: unreadable", proc.stderr), proc.stderr[-3000:]

@@ -17,6 +17,7 @@ One home for everything about weight files (DESIGN.md):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pickle
@@ -24,10 +25,10 @@ import tempfile
 import urllib.parse
 import urllib.request
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 import torch.nn.functional as F
@@ -399,19 +400,27 @@ class LoadsWeights:
         return self.load_report
 
 
-def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, then rename: never a half-written checkpoint."""
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "wb", suffix: str = ".tmp") -> Iterator[IO]:
+    """Write ``path`` through a temporary file beside it: renamed over ``path`` when the block succeeds,
+    deleted when it raises, so readers never see a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
+        with os.fdopen(fd, mode) as fh:
+            yield fh
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to a temporary file beside ``path``, then rename: never a half-written checkpoint."""
+    with atomic_open(path) as fh:
+        torch.save(obj, fh)
+    return Path(path)
 
 
 def _sha256(path: Path) -> str:
@@ -424,19 +433,13 @@ def _sha256(path: Path) -> str:
 
 def download(url: str, dest: str | os.PathLike, sha256: str | None = None, timeout: float = 60.0) -> Path:
     """Download ``url`` (http, https or file) to ``dest`` atomically, checking ``sha256`` when given."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
-            for block in iter(lambda: resp.read(1 << 20), b""):
-                out.write(block)
-        if sha256 is not None and _sha256(Path(tmp)) != sha256.lower():
-            raise CheckpointError(f"sha256 of {url} is {_sha256(Path(tmp))}, expected {sha256}; file discarded.")
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    dest, digest = Path(dest), hashlib.sha256()
+    with atomic_open(dest, suffix=".part") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+        for block in iter(lambda: resp.read(1 << 20), b""):
+            out.write(block)
+            digest.update(block)
+        if sha256 is not None and digest.hexdigest() != sha256.lower():
+            raise CheckpointError(f"sha256 of {url} is {digest.hexdigest()}, expected {sha256}; file discarded.")
     return dest
 
 
@@ -517,8 +520,6 @@ def export_encoder(encoder: nn.Module, path: str | os.PathLike, patch_size: tupl
         "feature_dim": int(getattr(encoder, "feature_dim", 0)),
         "feature_stride": int(getattr(encoder, "feature_stride", 0)),
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{ADAPTATION_PLAN_NAME}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
+    with atomic_open(path.parent / ADAPTATION_PLAN_NAME, "w") as fh:
         json.dump(plan, fh, indent=2)
-    os.replace(tmp, path.parent / ADAPTATION_PLAN_NAME)
     return path

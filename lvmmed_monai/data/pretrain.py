@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
@@ -30,6 +29,8 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import LoadImage, MapTransform
+
+from lvmmed_monai.weights import atomic_open
 
 __all__ = [
     "PretrainDataError",
@@ -189,14 +190,8 @@ def _bound_size(slices: np.ndarray, max_size: int | None) -> np.ndarray:
 
 
 def _save_npy_atomic(arr: np.ndarray, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, arr)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as fh:
+        np.save(fh, arr)
 
 
 def prepare_slices(

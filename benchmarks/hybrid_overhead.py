@@ -108,7 +108,8 @@ def peak_memory(which: str, args: argparse.Namespace, device: torch.device) -> f
     cmd = [sys.executable, __file__, "--child", which, "--depth", str(args.depth), "--size", str(args.size),
            "--device", args.device, "--threads", str(args.threads)]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout.strip().splitlines()[-1]
+    out = subprocess.run(cmd, capture_output=True,
+        encoding="utf-8", errors="replace", check=True, env=env).stdout.strip().splitlines()[-1]
     return json.loads(out)["peak_bytes"] / 2**20
 
 

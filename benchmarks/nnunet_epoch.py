@@ -39,7 +39,7 @@ def trainer_names(epochs: int) -> tuple[str, str]:
 def run(trainer: str, env: dict[str, str], device: str, dataset_id: int) -> tuple[list[float], float, float]:
     start = time.perf_counter()
     proc = subprocess.run([str(BIN / "nnUNetv2_train"), str(dataset_id), "2d", "0", "-tr", trainer, "-device", device],
-                          env=env, capture_output=True, text=True)
+                          env=env, capture_output=True, encoding="utf-8", errors="replace")
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         sys.exit(f"{trainer} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

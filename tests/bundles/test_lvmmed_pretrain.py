@@ -54,7 +54,8 @@ def _cli(overrides: dict) -> list[str]:
 
 
 def _run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=timeout, cwd=REPO)
+    return subprocess.run(cmd, capture_output=True,
+        encoding="utf-8", errors="replace", env=ENV, timeout=timeout, cwd=REPO)
 
 
 def _scalars(log_dir: Path, tag: str) -> dict[int, float]:

@@ -183,7 +183,8 @@ def test_global_batchnorm_on_two_gloo_processes_equals_batchnorm_on_the_whole_ba
     helper = Path(__file__).with_name("_bn_check.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2",
-                           str(helper), str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+                           str(helper), str(tmp_path)], capture_output=True,
+                               encoding="utf-8", errors="replace", env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     spec = importlib.util.spec_from_file_location("_bn_check", helper)
     check = importlib.util.module_from_spec(spec)

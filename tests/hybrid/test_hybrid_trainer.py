@@ -62,7 +62,8 @@ def test_hybrid_trainers_are_found_through_ext_trainer(tmp_path, nnunet_env):
         "    c = f(n); assert c.__name__ == n and issubclass(c, nnUNetTrainer), (n, c)\n"
         f"print('found', {len(TRAINERS)})"
     )
-    out = subprocess.run([sys.executable, "-c", code], env=nnunet_env(tmp_path), capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code], env=nnunet_env(tmp_path), capture_output=True,
+        encoding="utf-8", errors="replace")
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"found {len(TRAINERS)}" in out.stdout
 

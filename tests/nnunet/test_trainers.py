@@ -40,7 +40,8 @@ def test_every_trainer_is_found_through_ext_trainer(tmp_path, nnunet_env):
         "    c = f(n); assert c.__name__ == n, (n, c)\n"
         "print('found', len(" + repr(TRAINERS) + "))"
     )
-    out = subprocess.run([sys.executable, "-c", code], env=nnunet_env(tmp_path), capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code], env=nnunet_env(tmp_path), capture_output=True,
+        encoding="utf-8", errors="replace")
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"found {len(TRAINERS)}" in out.stdout
 
@@ -101,7 +102,7 @@ def test_train_and_predict_end_to_end_scores_dice(planned, nnunet_env):
     env = nnunet_env(planned, LVMMED_WEIGHTS=str(weights))
     tr = "LVMMedTrainer_1epoch_50iters"
     train = subprocess.run([str(BIN / "nnUNetv2_train"), str(DATASET_ID), "2d", "0", "-tr", tr, "-device", "cpu"],
-                           env=env, capture_output=True, text=True)
+                           env=env, capture_output=True, encoding="utf-8", errors="replace")
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
     assert "LVM-Med encoder weights from" in train.stdout and "loaded: 318 tensors" in train.stdout
     raw = next((planned / "raw").glob(f"Dataset{DATASET_ID}_*"))
@@ -109,7 +110,8 @@ def test_train_and_predict_end_to_end_scores_dice(planned, nnunet_env):
     pred = subprocess.run(
         [str(BIN / "nnUNetv2_predict"), "-i", str(raw / "imagesTr"), "-o", str(out_dir), "-d", str(DATASET_ID),
          "-c", "2d", "-f", "0", "-tr", tr, "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"],
-        env=nnunet_env(planned), capture_output=True, text=True)  # no LVMMED_WEIGHTS needed to predict
+        env=nnunet_env(planned), capture_output=True,
+            encoding="utf-8", errors="replace")  # no LVMMED_WEIGHTS needed to predict
     assert pred.returncode == 0, pred.stdout[-3000:] + pred.stderr[-3000:]
     dices = []
     for label_file in sorted((raw / "labelsTr").glob("*.nii.gz")):

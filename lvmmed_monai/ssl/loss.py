@@ -15,7 +15,9 @@ Pipeline for a batch of ``N = G * graph_size`` images seen in two views ``s`` an
 The loss is the per-graph Hamming distance (Eq. 5, a sum over the ``n x n`` entries) averaged over graphs
 (``reduction="mean"``, the convention of the blackbox graph-matching code BB-GM, Rolinek et al. 2020) or
 summed. The IMLE backward step perturbs the costs by ``lam * dL/dX``, so the reduction sets the effective
-step: with "mean" it is ``lam / G`` per graph; "sum" keeps ``lam`` whatever the batch size.
+step: with "mean" it is ``lam / G`` per graph; "sum" keeps ``lam`` whatever the batch size. Under DDP with
+"mean", each process averages over its own ``G / world_size`` graphs, so pass ``lam / world_size`` to match a
+one-process step on the global batch (``lvmmed_monai.engines`` does this).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from monai.transforms import Compose, NormalizeIntensityd, SelectItemsd
 from lvmmed_monai.data.phantoms import write_default_collection
 from lvmmed_monai.data.pretrain import LoadSliced, prepare_slices
 from lvmmed_monai.data.sampling import SeededViewsDataset
+from lvmmed_monai.engines.distributed import get_rank
 from lvmmed_monai.ssl.views import LVMMedViewsd
 
 __all__ = ["pretrain_index", "pretrain_dataset"]
@@ -46,8 +47,7 @@ def pretrain_index(
     In a process group, rank 0 prepares first and the others then read its cache.
     """
     out = Path(output_dir)
-    rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() \
-        else 0
+    rank = get_rank()
     if rank != 0:
         _barrier()
     if data is None or (isinstance(data, str) and not data.strip()):

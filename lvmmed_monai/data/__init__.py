@@ -1,13 +1,25 @@
-"""Data: generated phantoms and official-layout checkpoints for demos and tests; pretraining collections."""
+"""Data: generated phantoms and official-layout checkpoints for demos and tests; pretraining collections;
+3D volume data sets for the hybrid bundle; atomic image writers."""
 
 from lvmmed_monai.data.phantoms import shape_phantoms, write_default_collection
 from lvmmed_monai.data.pretrain import LoadSliced, PretrainDataError, collect_files, modality_weights, prepare_slices
 from lvmmed_monai.data.sampling import GlobalBatchSampler, SeededViewsDataset
 from lvmmed_monai.data.synthetic import official_resnet50_state, official_vit_b_state, phantom_batch
+from lvmmed_monai.data.volume_phantoms import write_phantom_volumes
+from lvmmed_monai.data.volumes import (
+    PadDepthCollate,
+    VolumeDataError,
+    classification_data,
+    segmentation_data,
+    volume_data,
+)
+from lvmmed_monai.data.writers import AtomicNibabelWriter
 
 __all__ = [
     "official_resnet50_state", "official_vit_b_state", "phantom_batch",
     "write_default_collection", "shape_phantoms",
     "collect_files", "prepare_slices", "modality_weights", "LoadSliced", "PretrainDataError",
     "GlobalBatchSampler", "SeededViewsDataset",
+    "write_phantom_volumes", "volume_data", "segmentation_data", "classification_data", "PadDepthCollate",
+    "VolumeDataError", "AtomicNibabelWriter",
 ]

@@ -1,4 +1,5 @@
-"""Training workflows on MONAI's engines: GM-SSL pretraining (the ``lvmmed_pretrain`` bundle wires these)."""
+"""Training workflows on MONAI's engines: GM-SSL pretraining (the ``lvmmed_pretrain`` bundle wires these) and
+the 2D-3D hybrid workflows (``lvmmed_hybrid3d``)."""
 
 from lvmmed_monai.engines.distributed import (
     GlobalBatchNorm2d,
@@ -17,6 +18,15 @@ from lvmmed_monai.engines.handlers import (
     attach_checkpointing,
     latest_checkpoint,
 )
+from lvmmed_monai.engines.hybrid import (
+    GradientClipHandler,
+    Joint3DTrainer,
+    load_hybrid_backbone,
+    load_stage_checkpoint,
+    optional_path,
+    per_class_dice,
+    resolve_checkpoint,
+)
 from lvmmed_monai.engines.pretrain import (
     LVMMedPretrainModel,
     LVMMedPretrainTrainer,
@@ -33,4 +43,6 @@ __all__ = [
     "input_normalization", "AtomicCheckpointSaver", "EncoderExportHandler", "PretrainProgressBar",
     "latest_checkpoint", "attach_checkpointing", "GlobalBatchNorm2d", "distributed_setup",
     "convert_sync_batchnorm", "wrap_ddp", "init_distributed", "get_rank", "get_world_size", "is_main_process",
+    "Joint3DTrainer", "GradientClipHandler", "load_stage_checkpoint", "load_hybrid_backbone", "optional_path",
+    "per_class_dice", "resolve_checkpoint",
 ]

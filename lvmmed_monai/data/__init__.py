@@ -1,9 +1,18 @@
 """Data: generated phantoms and official-layout checkpoints for demos and tests; pretraining collections;
-3D volume data sets for the hybrid bundle; atomic image writers."""
+3D volume data sets for the hybrid bundle; 2D + 3D labeled data for the segmentation bundle; atomic image writers."""
 
 from lvmmed_monai.data.phantoms import shape_phantoms, write_default_collection
 from lvmmed_monai.data.pretrain import LoadSliced, PretrainDataError, collect_files, modality_weights, prepare_slices
 from lvmmed_monai.data.sampling import GlobalBatchSampler, SeededViewsDataset
+from lvmmed_monai.data.segmentation import (
+    CheckedLoadImaged,
+    MatchChannelsd,
+    RandSliceSamplesd,
+    inference_datalist,
+    labeled_data,
+    labeled_datalist,
+    write_phantom_images,
+)
 from lvmmed_monai.data.synthetic import official_resnet50_state, official_vit_b_state, phantom_batch
 from lvmmed_monai.data.volume_phantoms import write_phantom_volumes
 from lvmmed_monai.data.volumes import (
@@ -13,7 +22,7 @@ from lvmmed_monai.data.volumes import (
     segmentation_data,
     volume_data,
 )
-from lvmmed_monai.data.writers import AtomicNibabelWriter
+from lvmmed_monai.data.writers import AtomicNibabelWriter, AtomicPILWriter
 
 __all__ = [
     "official_resnet50_state", "official_vit_b_state", "phantom_batch",
@@ -21,5 +30,7 @@ __all__ = [
     "collect_files", "prepare_slices", "modality_weights", "LoadSliced", "PretrainDataError",
     "GlobalBatchSampler", "SeededViewsDataset",
     "write_phantom_volumes", "volume_data", "segmentation_data", "classification_data", "PadDepthCollate",
-    "VolumeDataError", "AtomicNibabelWriter",
+    "VolumeDataError", "AtomicNibabelWriter", "AtomicPILWriter",
+    "labeled_data", "labeled_datalist", "inference_datalist", "write_phantom_images", "CheckedLoadImaged",
+    "MatchChannelsd", "RandSliceSamplesd",
 ]

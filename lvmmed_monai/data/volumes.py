@@ -20,7 +20,7 @@ import torch
 from monai.data import list_data_collate
 from monai.utils import convert_to_tensor
 
-from lvmmed_monai.data.pretrain import VOLUME_EXTENSIONS
+from lvmmed_monai.data.pretrain import IMAGE_EXTENSIONS, VOLUME_EXTENSIONS
 from lvmmed_monai.data.volume_phantoms import CLASSIFICATION_CLASSES, write_phantom_volumes
 
 __all__ = ["VolumeDataError", "VOLUME_EXTENSIONS", "find_volumes", "volume_shape", "volume_datalist",
@@ -35,14 +35,14 @@ class VolumeDataError(ValueError):
     """A 3D data set that cannot be used; the message names the files and the fix."""
 
 
-def _is_volume(path: Path) -> bool:
-    return path.name.lower().endswith(VOLUME_EXTENSIONS)
+def _is_volume(path: Path, extensions: tuple[str, ...] = VOLUME_EXTENSIONS) -> bool:
+    return path.name.lower().endswith(extensions)
 
 
 def _stem(path: Path) -> str:
-    """File name without the volume extension."""
+    """File name without the volume (or 2D image) extension."""
     name = path.name
-    for ext in sorted(VOLUME_EXTENSIONS, key=len, reverse=True):
+    for ext in sorted(VOLUME_EXTENSIONS + IMAGE_EXTENSIONS, key=len, reverse=True):
         if name.lower().endswith(ext):
             return name[: -len(ext)]
     return name
@@ -57,12 +57,12 @@ def _is_empty(data: Data) -> bool:
     return data is None or (isinstance(data, str) and data.strip().lower() in ("", "null", "none"))
 
 
-def find_volumes(folder: str | os.PathLike) -> list[Path]:
-    """Volume files (NIfTI, NRRD, MHA) under ``folder``, searched recursively, sorted."""
+def find_volumes(folder: str | os.PathLike, extensions: tuple[str, ...] = VOLUME_EXTENSIONS) -> list[Path]:
+    """Volume files (NIfTI, NRRD, MHA; or any of ``extensions``) under ``folder``, searched recursively, sorted."""
     root = Path(folder)
     if not root.is_dir():
         raise VolumeDataError(f"data folder {root} does not exist; pass an existing folder or a list of files")
-    return sorted(p for p in root.rglob("*") if p.is_file() and _is_volume(p))
+    return sorted(p for p in root.rglob("*") if p.is_file() and _is_volume(p, extensions))
 
 
 def volume_shape(path: str | os.PathLike) -> tuple[int, ...]:
@@ -114,15 +114,16 @@ def volume_datalist(data: str | os.PathLike | Sequence[str | os.PathLike | Mappi
     return [{"image": str(p)} for p in paths]
 
 
-def _pairs_from_folder(root: Path) -> list[dict]:
+def _pairs_from_folder(root: Path, extensions: tuple[str, ...] = VOLUME_EXTENSIONS) -> list[dict]:
     image_dir = next((root / d for d in _IMAGE_DIRS if (root / d).is_dir()), None)
     label_dir = next((root / d for d in _LABEL_DIRS if (root / d).is_dir()), None)
     if image_dir is None or label_dir is None:
         raise VolumeDataError(f"{root} needs an images/ and a labels/ sub-folder (or nnU-Net's imagesTr/ and "
                               "labelsTr/) with files of the same names, or pass a list of {image, label} dicts")
-    images, labels = find_volumes(image_dir), {_stem(p): p for p in find_volumes(label_dir)}
+    images, labels = find_volumes(image_dir, extensions), {_stem(p): p for p in find_volumes(label_dir, extensions)}
     if not images:
-        raise VolumeDataError(f"no volume files in {image_dir}; supported: {list(VOLUME_EXTENSIONS)}")
+        kind = "volume" if extensions == VOLUME_EXTENSIONS else "image"
+        raise VolumeDataError(f"no {kind} files in {image_dir}; supported: {list(extensions)}")
     pairs = {p: labels.get(_stem(p), labels.get(_without_channel(_stem(p)))) for p in images}
     missing = [p.name for p, label in pairs.items() if label is None]
     if missing:
@@ -131,12 +132,24 @@ def _pairs_from_folder(root: Path) -> list[dict]:
     return [{"image": str(p), "label": str(label)} for p, label in pairs.items()]
 
 
-def segmentation_datalist(data: str | os.PathLike | Sequence[Mapping[str, Any]]) -> list[dict]:
+def _check_2d_or_3d(path: str | os.PathLike) -> tuple[int, ...]:
+    shape = volume_shape(path)
+    if len(shape) not in (2, 3):
+        raise VolumeDataError(f"{path}: array of shape {list(shape)}; expected a single-channel 2D image or 3D "
+                              "volume: split multi-channel or 4D files first")
+    return shape
+
+
+def segmentation_datalist(data: str | os.PathLike | Sequence[Mapping[str, Any]],
+                          allow_2d: bool = False) -> list[dict]:
     """``[{"image", "label"}]`` from a folder (``images/`` + ``labels/``, or ``imagesTr/`` + ``labelsTr/``,
     matched by file name) or a list of ``{"image": path, "label": path}``; each label must have its image's
-    shape (checked from the headers)."""
+    shape (checked from the headers). ``allow_2d``: 2D images (PNG, JPEG, ... or 2D NIfTI) as well as volumes,
+    each label with its image's spatial shape (RGB images: their pixel grid)."""
+    extensions = VOLUME_EXTENSIONS + IMAGE_EXTENSIONS if allow_2d else VOLUME_EXTENSIONS
+    check = _check_2d_or_3d if allow_2d else _check_3d
     if isinstance(data, (str, os.PathLike)):
-        pairs = _pairs_from_folder(Path(data))
+        pairs = _pairs_from_folder(Path(data), extensions)
     else:
         pairs = [dict(e) for e in data]
         bad = [e for e in pairs if not {"image", "label"} <= set(e)]
@@ -144,7 +157,7 @@ def segmentation_datalist(data: str | os.PathLike | Sequence[Mapping[str, Any]])
             raise VolumeDataError("segmentation data as a list needs {image: path, label: path} entries, got "
                                   f"{bad[:2] if bad else 'an empty list'}")
     for pair in pairs:
-        image, label = _check_3d(pair["image"]), _check_3d(pair["label"])
+        image, label = check(pair["image"]), check(pair["label"])
         if image != label:
             raise VolumeDataError(f"label {pair['label']} has shape {list(label)} but its image {pair['image']} has "
                                   f"{list(image)}; every label must cover its image voxel for voxel (resample it)")

@@ -1,5 +1,5 @@
 """Training workflows on MONAI's engines: GM-SSL pretraining (the ``lvmmed_pretrain`` bundle wires these) and
-the 2D-3D hybrid workflows (``lvmmed_hybrid3d``)."""
+the 2D-3D hybrid workflows (``lvmmed_hybrid3d``) and 2D / slice-by-slice segmentation (``lvmmed_seg``)."""
 
 from lvmmed_monai.engines.distributed import (
     GlobalBatchNorm2d,
@@ -36,6 +36,7 @@ from lvmmed_monai.engines.pretrain import (
     halving_milestones,
     input_normalization,
 )
+from lvmmed_monai.engines.segmentation import LossProgressBar, SegmentationReport, per_class_iou
 
 __all__ = [
     "as_bool",
@@ -44,5 +45,5 @@ __all__ = [
     "latest_checkpoint", "attach_checkpointing", "GlobalBatchNorm2d", "distributed_setup",
     "convert_sync_batchnorm", "wrap_ddp", "init_distributed", "get_rank", "get_world_size", "is_main_process",
     "Joint3DTrainer", "GradientClipHandler", "load_stage_checkpoint", "load_hybrid_backbone", "optional_path",
-    "per_class_dice", "resolve_checkpoint",
+    "per_class_dice", "resolve_checkpoint", "per_class_iou", "SegmentationReport", "LossProgressBar",
 ]

@@ -49,19 +49,35 @@ def global_affinity(zs: Tensor, zt: Tensor, eps: float = EPS) -> Tensor:
     return torch.bmm(F.normalize(zs, dim=-1, eps=eps), F.normalize(zt, dim=-1, eps=eps).transpose(1, 2))
 
 
-def edge_affinity(zs: Tensor, zt: Tensor, edges_s: Tensor, edges_t: Tensor, eps: float = EPS) -> Tensor:
+def edge_affinity(
+    zs: Tensor, zt: Tensor, edges_s: Tensor, edges_t: Tensor, eps: float = EPS, min_norm: float = 0.1
+) -> Tensor:
     """Second-order affinity (Sec. 3.2.3): ``c^e[g, e, f] = cos(z_i^s - z_j^s, z_a^t - z_b^t)``.
+
+    The differences are taken between unit-normalised embeddings ``u = z / |z|`` and each is divided by
+    ``max(|u_i - u_j|, min_norm)``, so ``c^e = <d_ij, d_ab>`` with ``d = (u_i - u_j) / max(|u_i - u_j|,
+    min_norm)``; ``min_norm=0`` gives the plain cosine of the paper's formula (on ``u``). Why: the
+    cosine's gradient grows as ``1 / |z_i - z_j|``, and kNN edges join the most similar nodes, e.g. two
+    consecutive slices of a volume (the case that motivates the edge term). In a ResNet-50 run on the
+    built-in collection, the plain cosine on raw ``z`` gave gradients ~500x those of the vertex term (norm
+    110-400 vs 0.2), which swamped them: view retrieval fell from 0.60 to 0.10 within 5 steps of switching
+    the edge term on. On the unit sphere ``|u_i - u_j| = sqrt(2 - 2 cos)`` is scale-free; with the floor
+    (0.1: cosines above 0.995), a near-duplicate edge's affinity fades to 0 continuously and its gradient
+    is bounded; for edges whose nodes differ more, ``c^e`` is exactly the paper's cosine on ``u``.
 
     Args:
         zs, zt: ``(G, n, F)`` node embeddings after message passing.
         edges_s: ``(G, E, 2)`` long edges ``e = (i, j)`` of graph s; ``edges_t``: ``(G, F, 2)`` of graph t.
+        eps: guard of the unit normalisation (zero embeddings). min_norm: floor of the difference norms.
 
     Returns:
-        ``(G, E, F)`` float32; an edge between identical embeddings has zero difference and cosine 0.
+        ``(G, E, F)`` float32 in ``[-1, 1]``; an edge between identical embeddings has affinity 0.
     """
     if zs.dim() != 3 or zs.shape != zt.shape:
         raise ValueError(f"zs and zt must both be (G, n, F), got {tuple(zs.shape)} and {tuple(zt.shape)}")
-    zs, zt = _f32(zs, zt)
+    if min_norm < 0:
+        raise ValueError(f"min_norm must be >= 0, got {min_norm}")
+    zs, zt = (F.normalize(z, dim=-1, eps=eps) for z in _f32(zs, zt))
 
     def diffs(z: Tensor, edges: Tensor) -> Tensor:
         if edges.dim() != 3 or edges.shape[0] != z.shape[0] or edges.shape[-1] != 2:
@@ -69,7 +85,7 @@ def edge_affinity(zs: Tensor, zt: Tensor, edges_s: Tensor, edges_t: Tensor, eps:
         idx = edges.long()
         head = torch.gather(z, 1, idx[..., :1].expand(-1, -1, z.shape[-1]))
         tail = torch.gather(z, 1, idx[..., 1:].expand(-1, -1, z.shape[-1]))
-        return F.normalize(head - tail, dim=-1, eps=eps)
+        return F.normalize(head - tail, dim=-1, eps=max(min_norm, eps))
 
     return torch.bmm(diffs(zs, edges_s), diffs(zt, edges_t).transpose(1, 2))
 

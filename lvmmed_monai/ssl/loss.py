@@ -84,6 +84,8 @@ class LVMMedLoss(nn.Module):
         check_inputs: check for NaN/Inf features and coordinates outside ``[0, 1]`` (on the pooled
             tensors, where any NaN/Inf propagates; one host sync per step).
         max_local_elements: chunking threshold of the local cost (see ``local_affinity``).
+        edge_min_norm: floor of the embedding-difference norms in the edge affinity (see
+            :func:`~lvmmed_monai.ssl.affinity.edge_affinity`: it bounds the gradient of near-duplicate edges).
     """
 
     def __init__(
@@ -106,6 +108,7 @@ class LVMMedLoss(nn.Module):
         reduction: str = "mean",
         check_inputs: bool = True,
         max_local_elements: int = 2**24,
+        edge_min_norm: float = 0.1,
     ) -> None:
         super().__init__()
         if not 1 <= k < graph_size:
@@ -123,6 +126,9 @@ class LVMMedLoss(nn.Module):
         self.second_order, self.gumbel, self.local_cost = second_order, gumbel, local_cost
         self.num_samples, self.method, self.reduction = num_samples, method, reduction
         self.check_inputs, self.max_local_elements = check_inputs, max_local_elements
+        if edge_min_norm < 0:
+            raise ValueError(f"edge_min_norm must be >= 0, got {edge_min_norm}")
+        self.edge_min_norm = edge_min_norm
 
     def _check(
         self, feats_s: Tensor, feats_t: Tensor, coords_s: Tensor | None, coords_t: Tensor | None
@@ -198,7 +204,7 @@ class LVMMedLoss(nn.Module):
             zs, zt = z_hat[:g], z_hat[g:]
             c_v = vertex_affinity(zs, zt, **local, alpha=self.alpha, gamma=self.gamma,
                                   max_elements=self.max_local_elements)
-            c_e = edge_affinity(zs, zt, edges[:g], edges[g:])
+            c_e = edge_affinity(zs, zt, edges[:g], edges[g:], min_norm=self.edge_min_norm)
         return GraphAffinities(c_v, c_e, edges[:g], edges[g:])
 
     @staticmethod

@@ -26,16 +26,43 @@ def test_global_affinity_is_cosine():
 
 
 def test_edge_affinity_matches_loop():
-    zs, zt = torch.randn(2, 6, 4), torch.randn(2, 6, 4)
+    zs, zt = torch.randn(2, 6, 4) * 3.0, torch.randn(2, 6, 4)
     es = torch.randint(0, 6, (2, 5, 2))
     et = torch.randint(0, 6, (2, 4, 2))
-    c = edge_affinity(zs, zt, es, et)
-    assert c.shape == (2, 5, 4)
-    for g in range(2):
-        for e, (i, j) in enumerate(es[g].tolist()):
-            for f, (a, b) in enumerate(et[g].tolist()):
-                ref = F.cosine_similarity(zs[g, i] - zs[g, j], zt[g, a] - zt[g, b], dim=0, eps=1e-8)
-                torch.testing.assert_close(c[g, e, f], ref)
+    us, ut = F.normalize(zs, dim=-1), F.normalize(zt, dim=-1)
+    for min_norm in (0.0, 0.1, 0.5):
+        c = edge_affinity(zs, zt, es, et, min_norm=min_norm)
+        assert c.shape == (2, 5, 4)
+        for g in range(2):
+            for e, (i, j) in enumerate(es[g].tolist()):
+                for f, (a, b) in enumerate(et[g].tolist()):
+                    d1, d2 = us[g, i] - us[g, j], ut[g, a] - ut[g, b]
+                    if min_norm == 0.0:  # the paper's cosine of the differences (of unit embeddings)
+                        ref = F.cosine_similarity(d1, d2, dim=0, eps=1e-8) if i != j and a != b else torch.tensor(0.0)
+                    else:
+                        ref = (d1 / max(d1.norm(), min_norm)) @ (d2 / max(d2.norm(), min_norm))
+                    torch.testing.assert_close(c[g, e, f], ref)
+
+
+def test_edge_affinity_scale_free_and_bounded_gradient_for_near_duplicates():
+    """c_e does not depend on the embeddings' norms, and a near-duplicate edge (two consecutive slices) has
+    an affinity near 0 and a bounded gradient, where the plain cosine's gradient grows as 1 / |z_i - z_j|."""
+    torch.manual_seed(0)
+    z = torch.randn(1, 4, 16)
+    zt = z.clone()
+    z[0, 1] = z[0, 0] + 1e-4 * torch.randn(16)  # node 1 is a near-duplicate of node 0, in both views
+    zt[0, 1] = zt[0, 0] + 1e-4 * torch.randn(16)
+    edges = torch.tensor([[[0, 1], [2, 3]]])
+    torch.testing.assert_close(edge_affinity(z * 7.0, z, edges, edges), edge_affinity(z, z, edges, edges))
+    grads = {}
+    for min_norm in (0.1, 0.0):
+        zz = z.clone().requires_grad_(True)
+        c = edge_affinity(zz, zt, edges, edges, min_norm=min_norm)
+        c[0, 0, 0].backward()  # the near-duplicate edge with itself in the other view
+        grads[min_norm] = zz.grad.norm().item()
+        if min_norm:
+            assert abs(c[0, 0, 0].item()) < 1e-3 and c[0, 1, 1].item() > 0.99
+    assert grads[0.1] < 50 < 1e3 < grads[0.0]
 
 
 def _local_loop(ys, yt, ps, pt, gamma: int) -> float:

@@ -1,6 +1,13 @@
 """Data: generated phantoms and official-layout checkpoints for demos and tests; pretraining collections;
-3D volume data sets for the hybrid bundle; 2D + 3D labeled data for the segmentation bundle; atomic image writers."""
+3D volume data sets for the hybrid bundle; 2D + 3D labeled data for the segmentation bundle; labeled 2D images for
+the classification bundle; atomic image writers."""
 
+from lvmmed_monai.data.classification import (
+    classification_inputs,
+    image_classification_data,
+    image_classification_datalist,
+    write_shape_phantoms,
+)
 from lvmmed_monai.data.phantoms import shape_phantoms, write_default_collection
 from lvmmed_monai.data.pretrain import LoadSliced, PretrainDataError, collect_files, modality_weights, prepare_slices
 from lvmmed_monai.data.sampling import GlobalBatchSampler, SeededViewsDataset
@@ -33,4 +40,5 @@ __all__ = [
     "VolumeDataError", "AtomicNibabelWriter", "AtomicPILWriter",
     "labeled_data", "labeled_datalist", "inference_datalist", "write_phantom_images", "CheckedLoadImaged",
     "MatchChannelsd", "RandSliceSamplesd",
+    "image_classification_data", "image_classification_datalist", "classification_inputs", "write_shape_phantoms",
 ]

@@ -15,10 +15,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +37,7 @@ from lvmmed_monai.data.volumes import (
     split_train_val,
     volume_shape,
 )
+from lvmmed_monai.data.writers import write_folder_once
 
 __all__ = ["IMAGE_PHANTOM_CLASSES", "PHANTOM_CLASSES", "write_phantom_images", "phantom_data", "check_labels",
            "labeled_datalist", "labeled_data", "inference_datalist", "input_stats", "CheckedLoadImaged",
@@ -59,13 +57,7 @@ def write_phantom_images(root: str | os.PathLike, num_images: int = 16, size: in
         raise ValueError(f"need num_images >= 1 and size >= 8, got {num_images}, {size}")
     from PIL import Image
 
-    root = Path(root)
-    stamp = {"version": _IMAGE_PHANTOM_VERSION, "num_images": int(num_images), "size": int(size), "seed": seed}
-    if (root / "phantoms.json").is_file() and json.loads((root / "phantoms.json").read_text()) == stamp:
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
-    try:
+    def fill(tmp: Path) -> None:
         images, labels = phantom_batch(int(num_images), size=int(size), num_classes=3, seed=seed)
         (tmp / "images").mkdir()
         (tmp / "labels").mkdir()
@@ -73,14 +65,9 @@ def write_phantom_images(root: str | os.PathLike, num_images: int = 16, size: in
             Image.fromarray((images[i, 0].numpy() * 255).round().astype(np.uint8)).save(tmp / "images" /
                                                                                         f"phantom_{i:02d}.png")
             Image.fromarray(labels[i, 0].numpy().astype(np.uint8)).save(tmp / "labels" / f"phantom_{i:02d}.png")
-        (tmp / "phantoms.json").write_text(json.dumps(stamp))
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return root
+
+    stamp = {"version": _IMAGE_PHANTOM_VERSION, "num_images": int(num_images), "size": int(size), "seed": seed}
+    return write_folder_once(root, stamp, fill)
 
 
 def _read(path: str | os.PathLike) -> np.ndarray:

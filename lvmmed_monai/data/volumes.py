@@ -164,23 +164,39 @@ def segmentation_datalist(data: str | os.PathLike | Sequence[Mapping[str, Any]],
     return [{"image": str(e["image"]), "label": str(e["label"])} for e in pairs]
 
 
+def _check_2d(path: str | os.PathLike) -> tuple[int, ...]:
+    shape = volume_shape(path)
+    if len(shape) != 2:
+        raise VolumeDataError(f"{path}: array of shape {list(shape)}; expected a 2D image (PNG, JPEG, 2D NIfTI): "
+                              "classify 3D volumes with the lvmmed_hybrid3d bundle, or save single 2D slices")
+    return shape
+
+
 def classification_datalist(data: str | os.PathLike | Sequence[Mapping[str, Any]],
-                            class_names: Sequence[str] | None = None) -> tuple[list[dict], list[str]]:
-    """``([{"image", "label": int}], class_names)`` from a folder with one sub-folder of volumes per class
-    (classes sorted by name unless ``class_names`` gives the order) or a list of ``{"image", "label"}`` with
-    integer labels or class names."""
+                            class_names: Sequence[str] | None = None,
+                            spatial_dims: int = 3) -> tuple[list[dict], list[str]]:
+    """``([{"image", "label": int}], class_names)`` from a folder with one sub-folder of files per class
+    (searched recursively; classes sorted by name unless ``class_names`` gives the order) or a list of
+    ``{"image", "label"}`` with integer labels or class names; at least 2 classes. ``spatial_dims``: 3 =
+    single-channel volumes (NIfTI, NRRD, MHA), 2 = 2D images (PNG, JPEG, ..., 2D NIfTI; RGB allowed); every
+    file is checked from its header (unreadable, wrong dimensionality)."""
+    if int(spatial_dims) not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    extensions = VOLUME_EXTENSIONS if int(spatial_dims) == 3 else IMAGE_EXTENSIONS + VOLUME_EXTENSIONS
+    check, kind = (_check_3d, "volumes") if int(spatial_dims) == 3 else (_check_2d, "images")
     if isinstance(data, (str, os.PathLike)):
         root = Path(data)
         if not root.is_dir():
             raise VolumeDataError(f"classification data folder {root} does not exist")
-        found = sorted(d.name for d in root.iterdir() if d.is_dir() and find_volumes(d))
+        found = sorted(d.name for d in root.iterdir() if d.is_dir() and find_volumes(d, extensions))
         names = list(class_names) if class_names else found
         unknown = sorted(set(found) - set(names))
         if len(names) < 2 or unknown:
-            raise VolumeDataError(f"{root} needs one sub-folder of volumes per class (at least 2), named as "
-                                  f"class_names={names}; found sub-folders with volumes: {found}")
+            raise VolumeDataError(f"{root} needs one sub-folder of {kind} per class (at least 2), named as "
+                                  f"class_names={names}; found sub-folders with {kind}: {found} (supported files: "
+                                  f"{list(extensions)})")
         entries: list[dict] = [{"image": str(p), "label": names.index(d)} for d in found
-                               for p in find_volumes(root / d)]
+                               for p in find_volumes(root / d, extensions)]
     else:
         entries = [dict(e) for e in data]
         if not entries or any(not {"image", "label"} <= set(e) for e in entries):
@@ -194,8 +210,11 @@ def classification_datalist(data: str | os.PathLike | Sequence[Mapping[str, Any]
                 e["label"] = names.index(str(e["label"]))
         if not names:
             names = [str(i) for i in range(max(e["label"] for e in entries) + 1)]
+        if len(names) < 2:
+            raise VolumeDataError(f"the list names a single class {names}; a classifier needs at least 2 classes "
+                                  "(pass class_names to name classes absent from this list)")
     for e in entries:
-        _check_3d(e["image"])
+        check(e["image"])
         if not 0 <= int(e["label"]) < len(names):
             raise VolumeDataError(f"{e['image']}: label {e['label']} outside 0..{len(names) - 1} ({names})")
     return [{"image": str(e["image"]), "label": int(e["label"])} for e in entries], names
@@ -251,18 +270,28 @@ def segmentation_data(data: Data, default_dir: str | os.PathLike, val_data: Data
 def classification_data(data: Data, default_dir: str | os.PathLike, val_data: Data = None,
                         val_fraction: float = 0.25, class_names: Sequence[str] | None = None,
                         num_classes: int | None = None, num_phantoms: int = 8,
-                        phantom_shape: Sequence[int] = (64, 64, 16), seed: int = 0) -> dict[str, Any]:
-    """``{"train", "val", "classes"}`` for 3D classification: ``data`` or generated phantoms (normal /
-    nodule) in ``default_dir``; with ``num_classes``, checks that the data has that many classes."""
+                        phantom_shape: Sequence[int] = (64, 64, 16), seed: int = 0,
+                        spatial_dims: int = 3) -> dict[str, Any]:
+    """``{"train", "val", "classes"}`` for classification of volumes (``spatial_dims`` 3) or 2D images (2):
+    ``data`` or, for volumes, generated phantoms (normal / nodule) in ``default_dir`` (2D phantoms:
+    :func:`lvmmed_monai.data.classification.image_classification_data`); with ``num_classes``, checks that the
+    data has that many classes; the training items must hold at least 2 of them."""
     if _is_empty(data):
+        if int(spatial_dims) != 3:
+            raise VolumeDataError("no 2D classification data given: pass a folder with one sub-folder of images per "
+                                  "class, or a list of {image, label}")
         data = write_phantom_volumes(default_dir, "classification", num_phantoms, phantom_shape, seed)
         class_names = class_names or CLASSIFICATION_CLASSES
-    items, names = classification_datalist(data, class_names or None)
+    items, names = classification_datalist(data, class_names or None, spatial_dims)
     if num_classes is not None and int(num_classes) != len(names):
         raise VolumeDataError(f"num_classes={num_classes} but the data has {len(names)} classes {names}; set "
                               f"--num_classes {len(names)}")
+    present = sorted({e["label"] for e in items})
+    if len(present) < 2:
+        raise VolumeDataError(f"the training data holds only class {names[present[0]]!r} of {names}; a classifier "
+                              "needs examples of at least 2 classes")
     if not _is_empty(val_data):
-        val, _ = classification_datalist(val_data, names)
+        val, _ = classification_datalist(val_data, names, spatial_dims)
         split = {"train": items, "val": val}
     else:
         split = split_train_val(items, val_fraction, seed)

@@ -3,19 +3,35 @@
 MONAI's writers save straight to the target name, so an inference run killed while writing leaves a truncated
 NIfTI that looks like a result. :class:`AtomicNibabelWriter` writes to a temporary file beside the target (same
 extension, so nibabel picks the same format and compression) and renames it over the target;
-:class:`AtomicPILWriter` does the same for PNG label maps (2D inputs).
+:class:`AtomicPILWriter` does the same for PNG label maps (2D inputs). :func:`write_folder_once` does it for a
+whole folder of generated data.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from monai.config import PathLike
 from monai.data import NibabelWriter, PILWriter
 
-__all__ = ["AtomicWriteMixin", "AtomicNibabelWriter", "AtomicPILWriter", "atomic_writer"]
+__all__ = ["AtomicWriteMixin", "AtomicNibabelWriter", "AtomicPILWriter", "atomic_writer", "write_folder_once",
+           "make_readable"]
+
+
+def make_readable(*paths: str | os.PathLike) -> None:
+    """Give files written through a temporary file (``mkstemp``: mode 0600, e.g.
+    :func:`~lvmmed_monai.weights.atomic_open`) the usual mode of new files, 0644 less the umask (folders
+    made by ``mkdtemp``, 0700: 0755 less the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in paths:
+        os.chmod(path, (0o755 if os.path.isdir(path) else 0o644) & ~umask)
 
 
 class AtomicWriteMixin:
@@ -34,9 +50,7 @@ class AtomicWriteMixin:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(path, 0o644 & ~umask)
+        make_readable(path)
 
 
 class AtomicNibabelWriter(AtomicWriteMixin, NibabelWriter):
@@ -55,3 +69,27 @@ def atomic_writer(output_ext: str) -> type:
     if ext == ".png":
         return AtomicPILWriter
     raise ValueError(f"no atomic writer for {output_ext!r}; valid: ['.nii.gz', '.nii', '.png']")
+
+
+def write_folder_once(root: str | os.PathLike, stamp: Mapping[str, Any], fill: Callable[[Path], None],
+                      stamp_name: str = "phantoms.json") -> Path:
+    """Build the folder ``root`` with ``fill(tmp)`` in a temporary sibling, then rename it over ``root``, so an
+    interrupted call leaves nothing half-written; ``stamp`` (JSON) is stored as ``root/stamp_name`` and a later
+    call with the same stamp returns ``root`` at once."""
+    root = Path(root)
+    stamp = json.loads(json.dumps(dict(stamp)))  # as read back (tuples -> lists)
+    if (root / stamp_name).is_file() and json.loads((root / stamp_name).read_text()) == stamp:
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
+    try:
+        fill(tmp)
+        (tmp / stamp_name).write_text(json.dumps(stamp))
+        make_readable(tmp)
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root

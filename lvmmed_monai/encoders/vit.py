@@ -32,6 +32,7 @@ class LVMMedViTB(VisionTransformerSAM, LoadsWeights):
     ``(N, 768, H/16, W/16)`` (LVM-Med's SSL and classifiers pool it); :meth:`intermediates` = the blocks in
     ``out_indices`` for UNETR-style decoders. Inputs: RGB normalised with :data:`SAM_PIXEL_MEAN` /
     :data:`SAM_PIXEL_STD` (on a 0..255 scale); ``in_channels=1`` sums the patch-embedding kernels over RGB.
+    ``torch.jit.script`` compiles it (``forward``, :meth:`intermediates`, :meth:`feature_map`).
     """
 
     weights_layout = "timm_samvit_b"
@@ -76,23 +77,30 @@ class LVMMedViTB(VisionTransformerSAM, LoadsWeights):
 
 
     def _check(self, x: torch.Tensor) -> None:
-        if x.ndim != 4 or x.shape[1] != self.patch_embed.proj.in_channels:
-            raise ValueError(
-                f"expected (N, {self.patch_embed.proj.in_channels}, H, W) input, got {tuple(x.shape)}"
-            )
+        channels: int = self.patch_embed.proj.in_channels
+        if x.ndim != 4 or x.shape[1] != channels:
+            raise ValueError(f"expected (N, {channels}, H, W) input, got ({', '.join([str(s) for s in x.shape])})")
         if x.shape[-1] % 16 or x.shape[-2] % 16:
-            raise ValueError(f"H and W must be multiples of 16 for ViT-B/16, got {tuple(x.shape[-2:])}")
+            raise ValueError(f"H and W must be multiples of 16 for ViT-B/16, got ({x.shape[-2]}, {x.shape[-1]})")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
         return self.forward_features(x)
 
+    # timm's forward_intermediates returns a Union; the isinstance checks narrow it for torch.jit.script
+
     def intermediates(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Return ``(neck (N, 256, h, w), [block outputs (N, 768, h, w) for out_indices])``."""
         self._check(x)
-        return self.forward_intermediates(x, indices=list(self.out_indices))
+        out = self.forward_intermediates(x, indices=list(self.out_indices))
+        if not isinstance(out, tuple):
+            raise RuntimeError("timm's forward_intermediates returned no neck output")
+        return out[0], out[1]
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """Last transformer block, ``(N, 768, H/16, W/16)``."""
         self._check(x)
-        return self.forward_intermediates(x, indices=[11], intermediates_only=True)[0]
+        out = self.forward_intermediates(x, indices=[11], intermediates_only=True)
+        if isinstance(out, tuple):
+            raise RuntimeError("timm's forward_intermediates returned more than the intermediates")
+        return out[0]

@@ -1,6 +1,8 @@
 """Training workflows on MONAI's engines: GM-SSL pretraining (the ``lvmmed_pretrain`` bundle wires these) and
-the 2D-3D hybrid workflows (``lvmmed_hybrid3d``) and 2D / slice-by-slice segmentation (``lvmmed_seg``)."""
+the 2D-3D hybrid workflows (``lvmmed_hybrid3d``), 2D / slice-by-slice segmentation (``lvmmed_seg``) and 2D
+classification (``lvmmed_cls``)."""
 
+from lvmmed_monai.engines.classification import BalancedAccuracy, BalancedAccuracyMetric, ClassificationReport
 from lvmmed_monai.engines.distributed import (
     GlobalBatchNorm2d,
     convert_sync_batchnorm,
@@ -14,6 +16,7 @@ from lvmmed_monai.engines.distributed import (
 from lvmmed_monai.engines.handlers import (
     AtomicCheckpointSaver,
     EncoderExportHandler,
+    FirstOrderWarmup,
     PretrainProgressBar,
     attach_checkpointing,
     latest_checkpoint,
@@ -41,9 +44,10 @@ from lvmmed_monai.engines.segmentation import LossProgressBar, SegmentationRepor
 __all__ = [
     "as_bool",
     "LVMMedPretrainModel", "LVMMedPretrainTrainer", "RNGState", "build_encoder", "halving_milestones",
-    "input_normalization", "AtomicCheckpointSaver", "EncoderExportHandler", "PretrainProgressBar",
+    "input_normalization", "AtomicCheckpointSaver", "EncoderExportHandler", "PretrainProgressBar", "FirstOrderWarmup",
     "latest_checkpoint", "attach_checkpointing", "GlobalBatchNorm2d", "distributed_setup",
     "convert_sync_batchnorm", "wrap_ddp", "init_distributed", "get_rank", "get_world_size", "is_main_process",
     "Joint3DTrainer", "GradientClipHandler", "load_stage_checkpoint", "load_hybrid_backbone", "optional_path",
     "per_class_dice", "resolve_checkpoint", "per_class_iou", "SegmentationReport", "LossProgressBar",
+    "BalancedAccuracyMetric", "BalancedAccuracy", "ClassificationReport",
 ]

@@ -22,7 +22,7 @@ from torch import nn
 from lvmmed_monai.weights import export_encoder
 
 __all__ = ["AtomicCheckpointSaver", "latest_checkpoint", "attach_checkpointing", "EncoderExportHandler",
-           "PretrainProgressBar"]
+           "PretrainProgressBar", "FirstOrderWarmup"]
 
 logger = logging.getLogger(__name__)
 _ITERATION = re.compile(r"iteration=(\d+)\.pt$")
@@ -128,3 +128,41 @@ class PretrainProgressBar(_IgniteProgressBar):
     def attach(self, engine: Engine, *args, **kwargs) -> None:  # type: ignore[override]
         if self.enabled:
             super().attach(engine, output_transform=lambda out: {k: float(out[k]) for k in ("loss", "accuracy")})
+
+
+class FirstOrderWarmup:
+    """Solve the noise-free first-order matching (LAP on ``c_v``) for the first ``iterations`` iterations, then
+    the criterion's own objective (second order and noise as configured).
+
+    Why: the paper starts from ImageNet (ResNet-50) or SAM (ViT) weights, whose features already give the two
+    views of a batch similar kNN graphs. From a random initialisation they do not: the identity then shares
+    few kNN edges between the views, the second-order term favours other matchings, and Gumbel noise of
+    scale 1 swamps vertex affinities that differ by ~0.02. On the built-in collection (ResNet-50, 64 px,
+    batch 32) the full objective from random init left view retrieval at chance for 150 iterations, while
+    the first-order noise-free matching learned it (LAP accuracy 0.03 -> 0.7 in 60 iterations), and the
+    full objective switched on after that kept improving it. The switch depends on the iteration count
+    only, so a resumed run switches at the same iteration.
+
+    Args:
+        criterion: the :class:`~lvmmed_monai.ssl.LVMMedLoss` (its ``second_order`` and ``noise_scale`` are
+            set at every iteration start).
+        iterations: warm-up length (0: no warm-up, the paper's objective from the first iteration).
+    """
+
+    def __init__(self, criterion: nn.Module, iterations: int = 0) -> None:
+        if iterations < 0:
+            raise ValueError(f"iterations must be >= 0, got {iterations}")
+        self.criterion, self.iterations = criterion, int(iterations)
+        self.second_order, self.noise_scale = criterion.second_order, criterion.noise_scale
+
+    def attach(self, engine: Engine) -> None:
+        if self.iterations:
+            engine.add_event_handler(Events.ITERATION_STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        warm = engine.state.iteration <= self.iterations  # ignite counts iterations from 1
+        self.criterion.second_order = False if warm else self.second_order
+        self.criterion.noise_scale = 0.0 if warm else self.noise_scale
+        if engine.state.iteration == self.iterations + 1:
+            logger.info("first-order warm-up done after %d iterations: second_order=%s, noise_scale=%s",
+                        self.iterations, self.second_order, self.noise_scale)

@@ -24,6 +24,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
 from monai.handlers import MeanIoUHandler, from_engine
 
+from lvmmed_monai.data.writers import make_readable
 from lvmmed_monai.engines.hybrid import _channel_transform
 from lvmmed_monai.weights import atomic_open
 
@@ -133,10 +134,7 @@ class SegmentationReport:
                   "mean": {k: _finite_or_none(v) for k, v in means.items()}, "num_cases": len(rows)}
         with atomic_open(json_path, "w") as fh:
             json.dump(report, fh, indent=2)
-        umask = os.umask(0)
-        os.umask(umask)
-        for path in (csv_path, json_path):
-            os.chmod(path, 0o644 & ~umask)
+        make_readable(csv_path, json_path)
         logger.info("metrics of %d case(s) written to %s and %s; means %s", len(rows), csv_path, json_path,
                     {k: round(v, 4) for k, v in means.items() if k.endswith("_mean")})
 

@@ -2,7 +2,7 @@
 
 from lvmmed_monai.networks.classifier import LVMMedClassifier
 from lvmmed_monai.networks.detector import lvmmed_faster_rcnn
-from lvmmed_monai.networks.factory import SEGMENTATION_NETS_2D, segmentation_net_2d
+from lvmmed_monai.networks.factory import SEGMENTATION_NETS_2D, classification_net_2d, segmentation_net_2d
 from lvmmed_monai.networks.hybrid import LVMMedHybridBackbone, LVMMedHybridClassifier, LVMMedHybridSegNet
 from lvmmed_monai.networks.inter_slice import InterSliceTransformer
 from lvmmed_monai.networks.unet import LVMMedFlexibleUNet
@@ -11,5 +11,5 @@ from lvmmed_monai.networks.vit_unetr import LVMMedViTUNETR
 __all__ = [
     "LVMMedFlexibleUNet", "LVMMedViTUNETR", "LVMMedClassifier", "lvmmed_faster_rcnn",
     "LVMMedHybridBackbone", "LVMMedHybridClassifier", "LVMMedHybridSegNet", "InterSliceTransformer",
-    "segmentation_net_2d", "SEGMENTATION_NETS_2D",
+    "segmentation_net_2d", "SEGMENTATION_NETS_2D", "classification_net_2d",
 ]

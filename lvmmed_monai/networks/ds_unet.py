@@ -13,6 +13,7 @@ from monai.networks.nets.flexible_unet import UNetDecoder
 from torch import nn
 
 from lvmmed_monai.encoders.resnet import LVMMedResNet50
+from lvmmed_monai.networks.padding import pad_to_multiple
 
 __all__ = ["LVMMedDeepSupervisionUNet", "deep_supervision_scales"]
 
@@ -108,7 +109,7 @@ class LVMMedDeepSupervisionUNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         h, w = x.shape[-2:]
         stride = LVMMedResNet50.feature_stride
-        stages = self.decoder.forward_stages(self.encoder(F.pad(x, (0, -w % stride, 0, -h % stride))))
+        stages = self.decoder.forward_stages(self.encoder(pad_to_multiple(x, stride)))
         stages = stages[::-1]  # finest first: stride 1, 2, 4, 8, 16
         if not self.decoder.deep_supervision:
             return self.heads["0"](stages[0])[..., :h, :w]

@@ -1,17 +1,18 @@
-"""2D segmentation networks by encoder name, for configs that switch encoders with one key."""
+"""2D segmentation and classification networks by encoder name, for configs that switch encoders with one key."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
 
+from lvmmed_monai.networks.classifier import LVMMedClassifier
 from lvmmed_monai.networks.unet import LVMMedFlexibleUNet
 from lvmmed_monai.networks.vit_unetr import LVMMedViTUNETR
 
-__all__ = ["SEGMENTATION_NETS_2D", "segmentation_net_2d"]
+__all__ = ["SEGMENTATION_NETS_2D", "segmentation_net_2d", "classification_net_2d"]
 
 SEGMENTATION_NETS_2D: dict[str, type[nn.Module]] = {
     "lvmmed_resnet50": LVMMedFlexibleUNet,  # MONAI FlexibleUNet decoder
@@ -31,3 +32,19 @@ def segmentation_net_2d(encoder: str, in_channels: int, out_channels: int,
                          f"{sorted(SEGMENTATION_NETS_2D)}")
     return SEGMENTATION_NETS_2D[encoder](in_channels=int(in_channels), out_channels=int(out_channels),
                                          weights=weights, strict=strict, **kwargs)
+
+
+def classification_net_2d(encoder: str, in_channels: int, num_classes: int,
+                          weights: str | os.PathLike | Mapping[str, Any] | None = None, image_size: int = 224,
+                          linear_probe: bool = False, hidden_dims: Sequence[int] = (), dropout: float = 0.0,
+                          strict: bool = True, **kwargs: Any) -> LVMMedClassifier:
+    """:class:`~lvmmed_monai.networks.LVMMedClassifier` on ``encoder`` (``lvmmed_resnet50`` or ``lvmmed_vit_b``):
+    ``(B, in_channels, image_size, image_size)`` -> logits ``(B, num_classes)``. ``linear_probe``: the encoder
+    frozen (no gradient, eval mode), only the head trains; else full fine-tuning. The ViT's position tables
+    are sized for ``image_size`` (a multiple of 16); the ResNet-50 takes any size. Extra ``kwargs`` go to the
+    encoder."""
+    if encoder == "lvmmed_vit_b":
+        kwargs.setdefault("img_size", int(image_size))
+    return LVMMedClassifier(int(num_classes), encoder=encoder, weights=weights, in_channels=int(in_channels),
+                            freeze_encoder=bool(linear_probe), hidden_dims=[int(h) for h in hidden_dims],
+                            dropout=float(dropout), strict=strict, **kwargs)

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lvmmed_monai.networks.inter_slice import InterSliceTransformer
+from lvmmed_monai.networks.padding import pad_to_multiple
 
 __all__ = ["ENCODER_LEVELS", "SliceEmbeddings", "SliceEncoderBase", "Weights", "gather_rows", "scatter_rows"]
 
@@ -113,7 +113,7 @@ class SliceEncoderBase(nn.Module):
         if not bool(torch.isfinite(slices).all()):
             raise ValueError("the volume holds NaN or Inf values; clean or mask them before the network")
         stride = int(self._spec(self.encoder_name)["stride"])
-        return F.pad(slices, (0, -w % stride, 0, -h % stride))
+        return pad_to_multiple(slices, stride)
 
     def _chunks(self, n: int) -> list[slice]:
         """At most ``slice_chunk`` slices per chunk, sizes balanced (33 -> 17 + 16, not 32 + 1: a one-slice

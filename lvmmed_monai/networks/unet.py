@@ -7,10 +7,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from monai.networks.nets import FlexibleUNet
 
 from lvmmed_monai.encoders.resnet import LVMMedResNet50
+from lvmmed_monai.networks.padding import pad_to_multiple
 
 __all__ = ["LVMMedFlexibleUNet"]
 
@@ -23,7 +23,9 @@ class LVMMedFlexibleUNet(FlexibleUNet):
     subclass takes the file and loads it into ``self.encoder`` (report in ``self.encoder.load_report``).
     Any H, W work here: the input is padded to a multiple of the encoder's stride 32 and the logits
     cropped back (plain FlexibleUNet's ``is_pad`` only pads decoder features, which fails when a size
-    rounds up, e.g. 70 -> 35 -> 18 -> 9 -> 5 -> 3 -> 6 != 5).
+    rounds up, e.g. 70 -> 35 -> 18 -> 9 -> 5 -> 3 -> 6 != 5). ``torch.jit.script`` compiles it (the bundles'
+    ``ckpt_export``): ``forward`` spells out FlexibleUNet's encoder -> decoder -> head, as TorchScript has no
+    ``super()``.
     """
 
     def __init__(
@@ -47,11 +49,11 @@ class LVMMedFlexibleUNet(FlexibleUNet):
             **kwargs,
         )
         self.encoder: LVMMedResNet50
+        self.stride: int = LVMMedResNet50.feature_stride
         if weights is not None:
             self.encoder.load_weights(weights, strict=strict)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        h, w = inputs.shape[-2:]
-        stride = LVMMedResNet50.feature_stride
-        padded = F.pad(inputs, (0, -w % stride, 0, -h % stride))
-        return super().forward(padded)[..., :h, :w]
+        h, w = inputs.shape[-2], inputs.shape[-1]
+        features = self.encoder(pad_to_multiple(inputs, self.stride))
+        return self.segmentation_head(self.decoder(features, self.skip_connect))[..., :h, :w]

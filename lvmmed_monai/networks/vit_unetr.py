@@ -7,11 +7,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from monai.networks.blocks import UnetOutBlock, UnetrBasicBlock, UnetrPrUpBlock, UnetrUpBlock
 from torch import nn
 
 from lvmmed_monai.encoders.vit import LVMMedViTB
+from lvmmed_monai.networks.padding import pad_to_multiple
 
 __all__ = ["LVMMedViTUNETR"]
 
@@ -25,7 +25,8 @@ class LVMMedViTUNETR(nn.Module):
     upsampled to strides 2, 4, 8. The bottleneck is SAM's neck on the last block (256 channels) rather
     than UNETR's raw last hidden state, so every pretrained encoder parameter is used and trained
     (no unused parameters under DDP).
-    Inputs of any size are padded to a multiple of 16 and the logits cropped back.
+    Inputs of any size are padded to a multiple of 16 and the logits cropped back. ``torch.jit.script``
+    compiles it (the bundles' ``ckpt_export``).
     """
 
     def __init__(
@@ -69,9 +70,10 @@ class LVMMedViTUNETR(nn.Module):
         self.out = UnetOutBlock(spatial_dims=sd, in_channels=fs, out_channels=out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        x = F.pad(x, (0, -w % 16, 0, -h % 16))
-        neck, (z3, z6, z9, _) = self.encoder.intermediates(x)
+        h, w = x.shape[-2], x.shape[-1]
+        x = pad_to_multiple(x, 16)
+        neck, blocks = self.encoder.intermediates(x)
+        z3, z6, z9 = blocks[0], blocks[1], blocks[2]
         enc1 = self.encoder1(x)
         dec3 = self.decoder5(neck, self.encoder4(z9))
         dec2 = self.decoder4(dec3, self.encoder3(z6))

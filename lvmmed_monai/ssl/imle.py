@@ -49,10 +49,11 @@ class _IMLEQAP(torch.autograd.Function):
         s, (g, n, _) = cfg["num_samples"], c_v.shape
         cv, ce = c_v.detach().float(), c_e.detach().float()
         if cfg["noise"] == "gumbel":
-            eps = gumbel_noise((s, g, n, n), cv, cfg["generator"])
-            eps_e = gumbel_noise((s, *ce.shape), cv, cfg["generator"]) if cfg["second_order"] else None
+            tau = cfg["noise_scale"]
+            eps = tau * gumbel_noise((s, g, n, n), cv, cfg["generator"])
+            eps_e = tau * gumbel_noise((s, *ce.shape), cv, cfg["generator"]) if cfg["second_order"] else None
         else:
-            value = cfg["constant"] if cfg["noise"] == "constant" else 0.0
+            value = cfg["noise_scale"] * cfg["constant"] if cfg["noise"] == "constant" else 0.0
             eps = cv.new_full((s, g, n, n), value)
             eps_e = ce.new_full((s, *ce.shape), value) if cfg["second_order"] else None
         x = _solve(cv + eps, ce + eps_e if eps_e is not None else None, edges_s, edges_t, cfg)
@@ -100,6 +101,7 @@ def imle_qap(
     *,
     lam: float = 80.0,
     noise: str = "gumbel",
+    noise_scale: float = 1.0,
     num_samples: int = 1,
     second_order: bool = True,
     method: str = "lvmmed",
@@ -119,6 +121,10 @@ def imle_qap(
         noise: ``"gumbel"`` (eps, eps' ~ Gumbel(0, 1), Algorithm 1), ``"constant"`` (the paper's "w/o
             Gumbel" ablation: ``constant`` is added to every c_v and c_e entry; the default is the Gumbel
             mean, so only the randomness is removed) or ``"none"``.
+        noise_scale: temperature ``tau`` of the perturbation, ``eps = tau * Gumbel(0, 1)`` (IMLE's ``tau``;
+            the paper uses 1). It sets how far the affinities must separate before the perturbed matching
+            follows them: affinities are cosines, so tau = 1 swamps the small margins of features at
+            random initialisation (see docs/ssl.md); "constant" noise is scaled alike.
         num_samples: independent noise samples S. Each is solved in the forward and again in the backward
             pass (all S * G problems in one batched call); the gradient is the Monte-Carlo mean of the S
             single-sample estimates. The forward returns the first sample's matching (a 0/1 matching, not
@@ -138,8 +144,9 @@ def imle_qap(
     """
     if noise not in NOISE_KINDS:
         raise ValueError(f"unknown noise {noise!r}; valid: {list(NOISE_KINDS)}")
-    if num_samples < 1 or lam <= 0:
-        raise ValueError(f"need num_samples >= 1 and lam > 0, got num_samples={num_samples}, lam={lam}")
+    if num_samples < 1 or lam <= 0 or noise_scale < 0:
+        raise ValueError(f"need num_samples >= 1, lam > 0 and noise_scale >= 0, got num_samples={num_samples}, "
+                         f"lam={lam}, noise_scale={noise_scale}")
     if c_v.dim() != 3 or c_v.shape[1] != c_v.shape[2]:
         raise ValueError(f"c_v must have shape (G, n, n), got {tuple(c_v.shape)}")
     if c_e.dim() != 3 or c_e.shape[0] != c_v.shape[0]:
@@ -151,6 +158,7 @@ def imle_qap(
     cfg = {
         "lam": float(lam),
         "noise": noise,
+        "noise_scale": float(noise_scale),
         "num_samples": int(num_samples),
         "method": method,
         "second_order": bool(second_order),

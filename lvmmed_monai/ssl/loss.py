@@ -78,6 +78,7 @@ class LVMMedLoss(nn.Module):
         second_order: False = LAP on ``c_v`` only ("w/o second-order" ablation).
         message_passing: False = no GCN, ``z_hat = z`` ("w/o message passing").
         gumbel: False = add the constant 0.5772 (Gumbel mean) instead of Gumbel noise ("w/o Gumbel").
+        noise_scale: temperature of the Gumbel noise, ``tau * Gumbel(0, 1)`` (paper: 1; see ``imle_qap``).
         local_cost: False = ``c_v`` is the global cosine alone, at full weight ("w/o local").
         num_samples: IMLE noise samples per step. method: QAP solver (``solve_qap``'s registry).
         reduction: "mean" or "sum" of the per-graph Hamming losses over graphs (see the module docstring).
@@ -103,6 +104,7 @@ class LVMMedLoss(nn.Module):
         gumbel: bool = True,
         local_cost: bool = True,
         num_samples: int = 1,
+        noise_scale: float = 1.0,
         method: str = "lvmmed",
         projector_hidden_dim: int | None = None,
         reduction: str = "mean",
@@ -113,9 +115,9 @@ class LVMMedLoss(nn.Module):
         super().__init__()
         if not 1 <= k < graph_size:
             raise ValueError(f"need 1 <= k < graph_size, got k={k}, graph_size={graph_size}")
-        if not 0.0 <= alpha <= 1.0 or lam <= 0 or num_samples < 1:
-            raise ValueError(f"need 0 <= alpha <= 1, lam > 0 and num_samples >= 1; got alpha={alpha}, "
-                             f"lam={lam}, num_samples={num_samples}")
+        if not 0.0 <= alpha <= 1.0 or lam <= 0 or num_samples < 1 or noise_scale < 0:
+            raise ValueError(f"need 0 <= alpha <= 1, lam > 0, num_samples >= 1 and noise_scale >= 0; got "
+                             f"alpha={alpha}, lam={lam}, num_samples={num_samples}, noise_scale={noise_scale}")
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         num_kept(gamma, 1)  # validates gamma
@@ -125,6 +127,7 @@ class LVMMedLoss(nn.Module):
         self.alpha, self.gamma, self.lam = alpha, gamma, lam
         self.second_order, self.gumbel, self.local_cost = second_order, gumbel, local_cost
         self.num_samples, self.method, self.reduction = num_samples, method, reduction
+        self.noise_scale = noise_scale
         self.check_inputs, self.max_local_elements = check_inputs, max_local_elements
         if edge_min_norm < 0:
             raise ValueError(f"edge_min_norm must be >= 0, got {edge_min_norm}")
@@ -217,7 +220,7 @@ class LVMMedLoss(nn.Module):
         """Perturbed matching with IMLE gradients (Eq. 4, 6) and the Hamming loss to the identity (Eq. 5)."""
         x = imle_qap(
             aff.c_v, aff.c_e, aff.edges_s, aff.edges_t, lam=self.lam,
-            noise="gumbel" if self.gumbel else "constant", num_samples=self.num_samples,
+            noise="gumbel" if self.gumbel else "constant", noise_scale=self.noise_scale, num_samples=self.num_samples,
             second_order=self.second_order, method=self.method, generator=generator,
         )
         per_graph = hamming_loss(x)

@@ -1,5 +1,6 @@
 """The lvmmed_seg bundle end to end on tiny settings (CPU): metadata and network shapes, training from LVM-Med
-weights on generated volumes (2 iterations, checkpoints, per-class Dice and IoU), training on mixed 2D images +
+weights on generated volumes (2 iterations, checkpoints, per-class Dice and IoU), the model zoo's ckpt_export of
+the trained model to TorchScript (same outputs as the eager network), training on mixed 2D images +
 3D volumes with the ViT, inference on NIfTI / DICOM / PNG inputs (the network's own slice-by-slice prediction,
 the input's shape and affine, atomic files), evaluation metrics equal to MONAI's ``compute_dice`` /
 ``compute_iou`` on whole volumes, and clear errors with nothing written for bad inputs."""
@@ -127,6 +128,38 @@ def test_training_writes_best_and_final_model_and_per_class_dice_and_iou(trained
     for tag in ("val_mean_dice", "val_mean_iou", "val_dice_lung", "val_dice_bone", "val_iou_lung", "val_iou_bone"):
         values = _scalars(trained / "logs", tag)
         assert sorted(values) == [1, 2] and all(0.0 <= v <= 1.0 for v in values.values()), tag
+
+
+def test_ckpt_export_writes_torchscript_with_the_eager_networks_outputs(trained, tmp_path):
+    """The model zoo's check, as its CI runs it: the trained checkpoint through ``ckpt_export`` (torch.jit.script)."""
+    exported = tmp_path / "model.ts"
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath",
+                           str(exported), "--ckpt_file", str(trained / "models" / "model_best.pt"), "--meta_file",
+                           str(CONFIGS / "metadata.json"), "--config_file", str(CONFIGS / "inference.yaml")],
+                          capture_output=True, encoding="utf-8", errors="replace", env=ENV, timeout=300, cwd=REPO)
+    _ok(proc)
+    extra = {"metadata.json": "", "inference.json": ""}
+    scripted = torch.jit.load(str(exported), _extra_files=extra)
+    assert json.loads(extra["metadata.json"])["version"] == "0.1.0" and "network_def" in json.loads(
+        extra["inference.json"])
+    net = segmentation_net_2d("lvmmed_resnet50", 1, 3)
+    net.load_state_dict(torch.load(trained / "models" / "model_best.pt", weights_only=True))
+    net.eval()
+    with torch.no_grad():
+        for shape in ((1, 1, 45, 37), (2, 1, 64, 64)):  # padded to the stride 32 and cropped back; and not
+            x = torch.randn(shape)
+            expected = net(x)
+            assert scripted(x).shape == expected.shape == (shape[0], 3, *shape[2:])
+            assert torch.allclose(scripted(x), expected, atol=1e-5)
+
+
+def test_the_vit_network_scripts_too():
+    """ckpt_export of a ViT model scripts the same way (not run end to end here: its file is ~350 MB)."""
+    net = segmentation_net_2d("lvmmed_vit_b", 1, 3, img_size=32, feature_size=8).eval()
+    scripted = torch.jit.script(net)
+    x = torch.randn(1, 1, 37, 45)  # padded to multiples of 16 and cropped back
+    with torch.no_grad():
+        assert torch.allclose(scripted(x), net(x), atol=1e-5)
 
 
 def test_vit_on_mixed_2d_images_and_3d_volumes(tmp_path):

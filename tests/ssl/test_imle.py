@@ -117,6 +117,23 @@ def test_gumbel_gradient_structure_and_samples():
     assert torch.equal(again, X), "the generator makes the noise reproducible"
 
 
+def test_noise_scale_is_a_temperature():
+    """Matching maximises sum c X + noise, so scaling the affinities and the noise temperature together leaves
+    every matching unchanged; tau = 0 is the noise-free matching."""
+    c_v, c_e, es, et = _problem(6, 6, seed=7)
+    c_v, c_e = c_v.float(), c_e.float()
+    for second_order in (True, False):
+        kw = {"second_order": second_order, "num_samples": 3}
+        ref = imle_qap(c_v, c_e, es, et, generator=torch.Generator().manual_seed(1), **kw)
+        scaled = imle_qap(4.0 * c_v, 4.0 * c_e, es, et, noise_scale=4.0, generator=torch.Generator().manual_seed(1),
+                          **kw)
+        assert torch.equal(ref, scaled)
+        cold = imle_qap(c_v, c_e, es, et, noise_scale=0.0, generator=torch.Generator().manual_seed(1), **kw)
+        assert torch.equal(cold, imle_qap(c_v, c_e, es, et, noise="none", **kw))
+    with pytest.raises(ValueError, match="noise_scale"):
+        imle_qap(c_v, c_e, es, et, noise_scale=-1.0)
+
+
 def _train(noise: str, second_order: bool, steps: int = 120, seed: int = 0) -> dict:
     """Adam on free affinities of 8 graphs x 6 nodes, minimising the summed Hamming loss to the identity."""
     c_v, c_e, es, et = _problem(8, 6, seed=seed)

@@ -137,11 +137,12 @@ class FirstOrderWarmup:
     Why: the paper starts from ImageNet (ResNet-50) or SAM (ViT) weights, whose features already give the two
     views of a batch similar kNN graphs. From a random initialisation they do not: the identity then shares
     few kNN edges between the views, the second-order term favours other matchings, and Gumbel noise of
-    scale 1 swamps vertex affinities that differ by ~0.02. On the built-in collection (ResNet-50, 64 px,
-    batch 32) the full objective from random init left view retrieval at chance for 150 iterations, while
-    the first-order noise-free matching learned it (LAP accuracy 0.03 -> 0.7 in 60 iterations), and the
-    full objective switched on after that kept improving it. The switch depends on the iteration count
-    only, so a resumed run switches at the same iteration.
+    scale 1 swamps vertex affinities that differ by ~0.02. On 5 fixed batches of the built-in collection
+    (ResNet-50, 64 px, batch 32, the same views replayed) the full objective from random init left view
+    retrieval at chance, while the first-order noise-free matching learned them (LAP accuracy 0.03 -> 0.69
+    in 60 iterations) and the full objective switched on after that kept improving (0.88 after 20 more).
+    With fresh views every epoch, 150 iterations were not enough for either (see docs/ssl.md). The switch
+    depends on the iteration count only, so a resumed run switches at the same iteration.
 
     Args:
         criterion: the :class:`~lvmmed_monai.ssl.LVMMedLoss` (its ``second_order`` and ``noise_scale`` are

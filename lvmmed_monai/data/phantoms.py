@@ -9,13 +9,12 @@ shapes on textured backgrounds) for the frozen-encoder probes of ``evaluate.yaml
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from lvmmed_monai.data.writers import write_folder_once
 
 __all__ = ["write_default_collection", "shape_phantoms", "SHAPE_CLASSES"]
 
@@ -121,13 +120,9 @@ def write_default_collection(root: str | os.PathLike, seed: int = 0, scale: int 
     import nibabel as nib
     from PIL import Image
 
-    root = Path(root)
     stamp = {"version": _COLLECTION_VERSION, "seed": seed, "scale": scale}
-    if (root / "collection.json").is_file() and json.loads((root / "collection.json").read_text()) == stamp:
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
-    try:
+
+    def fill(tmp: Path) -> None:
         rng = np.random.default_rng(seed)
         for sub in ("ct", "xr", "us"):
             (tmp / sub).mkdir()
@@ -141,14 +136,8 @@ def write_default_collection(root: str | os.PathLike, seed: int = 0, scale: int 
         for i in range(24 * scale):
             Image.fromarray((_ultrasound(rng) * 255).astype(np.uint8)).save(tmp / "us" / f"us_{i:03d}.jpg",
                                                                             quality=90)
-        (tmp / "collection.json").write_text(json.dumps(stamp))
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return root
+
+    return write_folder_once(root, stamp, fill, stamp_name="collection.json")
 
 
 def shape_phantoms(n: int, size: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

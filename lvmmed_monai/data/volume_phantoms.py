@@ -13,16 +13,14 @@ Nothing is downloaded (DESIGN.md). The volumes are the torso phantoms of :mod:`l
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from lvmmed_monai.data.phantoms import _torso_ct
+from lvmmed_monai.data.writers import write_folder_once
 
 __all__ = ["PHANTOM_TASKS", "SEGMENTATION_CLASSES", "CLASSIFICATION_CLASSES", "torso_labels", "add_nodule",
            "write_phantom_volumes"]
@@ -83,13 +81,9 @@ def write_phantom_volumes(root: str | os.PathLike, task: str = "segmentation", n
         raise ValueError(f"phantom shape must be (X, Y, Z) with X, Y >= 8 and Z >= 1, got {list(shape)}")
     if int(num_volumes) < 1:
         raise ValueError(f"num_volumes must be >= 1, got {num_volumes}")
-    root = Path(root)
     stamp = {"version": _VERSION, "task": task, "num_volumes": int(num_volumes), "shape": list(shape), "seed": seed}
-    if (root / "phantoms.json").is_file() and json.loads((root / "phantoms.json").read_text()) == stamp:
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
-    try:
+
+    def fill(tmp: Path) -> None:
         rng = np.random.default_rng(seed)
         for i in range(int(num_volumes)):
             name = f"torso_{i:02d}.nii.gz"
@@ -101,11 +95,5 @@ def write_phantom_volumes(root: str | os.PathLike, task: str = "segmentation", n
             _save(vol, tmp / "images" / name, np.int16)
             if task == "segmentation":
                 _save(torso_labels(vol), tmp / "labels" / name, np.uint8)
-        (tmp / "phantoms.json").write_text(json.dumps(stamp))
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return root
+
+    return write_folder_once(root, stamp, fill)

@@ -31,7 +31,7 @@ from lvmmed_monai.engines.handlers import latest_checkpoint
 from lvmmed_monai.ssl.joint3d import Joint3DLoss
 
 __all__ = ["Joint3DTrainer", "GradientClipHandler", "optional_path", "resolve_checkpoint", "load_stage_checkpoint",
-           "load_hybrid_backbone", "per_class_dice"]
+           "load_hybrid_backbone", "per_class_dice", "per_class_handlers"]
 
 logger = logging.getLogger(__name__)
 
@@ -128,16 +128,23 @@ def _channel_transform(channel: int) -> Callable[[Any], tuple[list, list]]:
     return select
 
 
-def per_class_dice(num_classes: int, class_names: Sequence[str] | None = None, include_background: bool = False,
-                   prefix: str = "val_dice_") -> dict[str, MeanDice]:
-    """``{prefix + name: MeanDice}`` for each class of one-hot ``pred`` / ``label`` (``(C, ...)`` per item
-    after ``AsDiscreted(to_onehot=C)``), for a MONAI evaluator's ``additional_metrics``."""
+def per_class_handlers(handler: Callable[..., Any], num_classes: int, class_names: Sequence[str] | None = None,
+                       include_background: bool = False, prefix: str = "") -> dict[str, Any]:
+    """``{prefix + name: handler(...)}``: one MONAI metric handler (``MeanDice``, ``MeanIoUHandler``, ...) per
+    class of one-hot ``pred`` / ``label`` (``(C, ...)`` per item after ``AsDiscreted(to_onehot=C)``), for a
+    MONAI evaluator's ``additional_metrics``, so StatsHandler / TensorBoard log each class as a scalar."""
     names = list(class_names) if class_names else [str(c) for c in range(num_classes)]
     if len(names) != num_classes:
         raise ValueError(f"{len(names)} class names {names} for num_classes={num_classes}")
     first = 0 if include_background else 1
-    return {f"{prefix}{names[c]}": MeanDice(include_background=True, output_transform=_channel_transform(c))
+    return {f"{prefix}{names[c]}": handler(include_background=True, output_transform=_channel_transform(c))
             for c in range(first, num_classes)}
+
+
+def per_class_dice(num_classes: int, class_names: Sequence[str] | None = None, include_background: bool = False,
+                   prefix: str = "val_dice_") -> dict[str, MeanDice]:
+    """One MONAI ``MeanDice`` per class (see :func:`per_class_handlers`)."""
+    return per_class_handlers(MeanDice, num_classes, class_names, include_background, prefix)
 
 
 class Joint3DTrainer(SupervisedTrainer):

@@ -25,7 +25,7 @@ from ignite.handlers import ProgressBar
 from monai.handlers import MeanIoUHandler, from_engine
 
 from lvmmed_monai.data.writers import make_readable
-from lvmmed_monai.engines.hybrid import _channel_transform
+from lvmmed_monai.engines.hybrid import per_class_handlers
 from lvmmed_monai.weights import atomic_open
 
 __all__ = ["per_class_iou", "SegmentationReport", "LossProgressBar"]
@@ -35,14 +35,8 @@ logger = logging.getLogger(__name__)
 
 def per_class_iou(num_classes: int, class_names: Sequence[str] | None = None, include_background: bool = False,
                   prefix: str = "val_iou_") -> dict[str, MeanIoUHandler]:
-    """``{prefix + name: MeanIoUHandler}`` for each class of one-hot ``pred`` / ``label`` (``(C, ...)`` per item
-    after ``AsDiscreted(to_onehot=C)``), for a MONAI evaluator's ``additional_metrics``."""
-    names = list(class_names) if class_names else [str(c) for c in range(num_classes)]
-    if len(names) != num_classes:
-        raise ValueError(f"{len(names)} class names {names} for num_classes={num_classes}")
-    first = 0 if include_background else 1
-    return {f"{prefix}{names[c]}": MeanIoUHandler(include_background=True, output_transform=_channel_transform(c))
-            for c in range(first, num_classes)}
+    """One MONAI ``MeanIoUHandler`` per class (see :func:`~lvmmed_monai.engines.hybrid.per_class_handlers`)."""
+    return per_class_handlers(MeanIoUHandler, num_classes, class_names, include_background, prefix)
 
 
 def _case_name(item: Any, key: str, index: int) -> str:

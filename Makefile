@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo pretrain test lint bench clean
+.PHONY: setup demo pretrain test lint bench clean figures
 
 setup:
 	@bash scripts/setup.sh
@@ -22,3 +22,6 @@ bench: setup
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache
+
+figures: setup
+	$(PY) scripts/make_figures.py --out docs/figures

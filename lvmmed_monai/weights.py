@@ -73,7 +73,7 @@ LAYOUTS = {
 
 LICENCE_NOTE = (
     "LVM-Med weights are for non-commercial research use only. The LVM-Med README states "
-    "CC BY-NC-ND 2.0, while the repository's LICENSE file states CC BY-NC-SA 4.0; read both. "
+    "CC BY-NC-ND (no version given), while the repository's LICENSE file states CC BY-NC-SA 4.0; read both. "
     "lvmmed-monai does not ship, mirror or download them on its own: obtain them yourself "
     "and pass the local file (or an explicit URL / hf:// address)."
 )

@@ -3,6 +3,18 @@ the 2D-3D hybrid workflows (``lvmmed_hybrid3d``), 2D / slice-by-slice segmentati
 classification (``lvmmed_cls``)."""
 
 from lvmmed_monai.engines.classification import BalancedAccuracy, BalancedAccuracyMetric, ClassificationReport
+from lvmmed_monai.engines.detection import (
+    DetectionAP,
+    DetectionLoss,
+    DetectionPrepareBatch,
+    DetectionProgressBar,
+    DetectionReport,
+    ap_from_matches,
+    average_precision,
+    detection_loss_terms,
+    match_detections,
+    per_class_ap,
+)
 from lvmmed_monai.engines.distributed import (
     GlobalBatchNorm2d,
     convert_sync_batchnorm,
@@ -36,6 +48,7 @@ from lvmmed_monai.engines.pretrain import (
     RNGState,
     as_bool,
     build_encoder,
+    epoch_means,
     halving_milestones,
     input_normalization,
 )
@@ -43,11 +56,13 @@ from lvmmed_monai.engines.segmentation import LossProgressBar, SegmentationRepor
 
 __all__ = [
     "as_bool",
-    "LVMMedPretrainModel", "LVMMedPretrainTrainer", "RNGState", "build_encoder", "halving_milestones",
+    "LVMMedPretrainModel", "LVMMedPretrainTrainer", "RNGState", "build_encoder", "epoch_means", "halving_milestones",
     "input_normalization", "AtomicCheckpointSaver", "EncoderExportHandler", "PretrainProgressBar", "FirstOrderWarmup",
     "latest_checkpoint", "attach_checkpointing", "GlobalBatchNorm2d", "distributed_setup",
     "convert_sync_batchnorm", "wrap_ddp", "init_distributed", "get_rank", "get_world_size", "is_main_process",
     "Joint3DTrainer", "GradientClipHandler", "load_stage_checkpoint", "load_hybrid_backbone", "optional_path",
     "per_class_dice", "resolve_checkpoint", "per_class_iou", "SegmentationReport", "LossProgressBar",
     "BalancedAccuracyMetric", "BalancedAccuracy", "ClassificationReport",
+    "DetectionPrepareBatch", "DetectionLoss", "detection_loss_terms", "DetectionProgressBar", "match_detections",
+    "ap_from_matches", "average_precision", "DetectionAP", "per_class_ap", "DetectionReport",
 ]

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import torch
 from ignite.engine import Events
+from ignite.metrics import Average, Metric
 from monai.engines import SupervisedTrainer
 from torch import nn
 from torch.optim import Optimizer
@@ -131,6 +132,16 @@ class RNGState:
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def epoch_means(keys: Sequence[str], prefix: str = "epoch_") -> dict[str, Metric]:
+    """Ignite ``Average`` metrics of iteration outputs, one per key, named ``prefix + key``.
+
+    Per-iteration matching accuracy on a batch of 16-image graphs moves by +-0.15 from one batch to the next;
+    its mean over an epoch shows the trend. Attached as trainer metrics, MONAI's ``StatsHandler`` prints them
+    and ``TensorBoardStatsHandler`` plots them at every epoch end.
+    """
+    return {f"{prefix}{key}": Average(output_transform=lambda out, key=key: out[key]) for key in keys}
+
+
 class LVMMedPretrainTrainer(SupervisedTrainer):
     """``SupervisedTrainer`` running LVM-Med's iteration on batches of ``image_s, image_t, coords_s, coords_t``.
 
@@ -141,6 +152,8 @@ class LVMMedPretrainTrainer(SupervisedTrainer):
         seed: seeds the per-iteration Gumbel generator ``(seed, iteration, rank)``.
         clip_grad_norm: max global gradient norm (None: no clipping; the norm is still reported).
         amp: float16 autocast with a gradient scaler; used on CUDA only (ignored on CPU).
+        key_train_metric / additional_metrics: ignite metrics over the iteration outputs, as for
+            ``SupervisedTrainer`` (the bundle attaches epoch means, :func:`epoch_means`).
 
     Each iteration returns (and puts in ``engine.state.output``) 0-d tensors ``loss``, the
     :data:`STAT_KEYS` (those of :class:`LVMMedLoss` and ``retrieval_accuracy``), ``grad_norm``, and floats
@@ -161,6 +174,8 @@ class LVMMedPretrainTrainer(SupervisedTrainer):
         amp: bool = False,
         epoch_length: int | None = None,
         train_handlers: Sequence | None = None,
+        key_train_metric: dict[str, Metric] | None = None,
+        additional_metrics: dict[str, Metric] | None = None,
         non_blocking: bool = True,
     ) -> None:
         model = network.module if isinstance(network, nn.parallel.DistributedDataParallel) else network
@@ -170,6 +185,7 @@ class LVMMedPretrainTrainer(SupervisedTrainer):
         super().__init__(device=device, max_epochs=max_epochs, train_data_loader=train_data_loader,
                          network=network, optimizer=optimizer, loss_function=model.criterion,
                          epoch_length=epoch_length, non_blocking=non_blocking, train_handlers=train_handlers,
+                         key_train_metric=key_train_metric, additional_metrics=additional_metrics,
                          amp=False, decollate=False)
         self.model, self.seed, self.clip_grad_norm = model, int(seed), clip_grad_norm
         self.use_amp = bool(amp) and device.type == "cuda"

@@ -12,6 +12,7 @@ demo: setup
 
 pretrain: setup
 	$(PY) -m monai.bundle run --config_file bundles/lvmmed_pretrain/configs/train.yaml
+	$(PY) -m monai.bundle run --config_file bundles/lvmmed_pretrain/configs/evaluate.yaml
 
 test: setup
 	$(PY) -m ruff check .

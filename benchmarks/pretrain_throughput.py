@@ -90,6 +90,7 @@ def run_interleaved(args: argparse.Namespace, out: Path) -> dict:
         encoder_name=args.encoder, image_size=args.image_size, batch_size=args.batch, max_epochs=1,
         samples_per_epoch=args.batch * iters, ckpt_interval=10**6, progress_bar=False, device=args.device,
         amp=args.amp, num_workers=args.num_workers, clip_grad_norm=args.clip_grad_norm,
+        first_order_warmup=0, noise_scale=1.0, views={},  # the bare loop's objective and views (paper settings)
     )
     workflow.initialize()
     trainer = workflow.parser.get_parsed_content("train#trainer")

@@ -19,7 +19,7 @@ from lvmmed_monai.data.writers import write_folder_once
 __all__ = ["write_default_collection", "shape_phantoms", "SHAPE_CLASSES"]
 
 SHAPE_CLASSES = ("ellipse", "rectangle", "triangle", "cross")
-_COLLECTION_VERSION = 1
+_COLLECTION_VERSION = 2
 
 
 def _grid(shape: tuple[int, ...]) -> list[np.ndarray]:
@@ -28,6 +28,39 @@ def _grid(shape: tuple[int, ...]) -> list[np.ndarray]:
 
 def _ellipsoid(coords: list[np.ndarray], centre: np.ndarray, radii: np.ndarray) -> np.ndarray:
     return sum(((c - m) / r) ** 2 for c, m, r in zip(coords, centre, radii, strict=True)) <= 1
+
+
+def _rotated(coords: list[np.ndarray], angle: float, shift: np.ndarray) -> list[np.ndarray]:
+    """In-plane rotation and shift of the first two grid coordinates (per-image pose)."""
+    c, s = np.cos(angle), np.sin(angle)
+    x, y = coords[0] - shift[0], coords[1] - shift[1]
+    return [c * x - s * y, s * x + c * y, *coords[2:]]
+
+
+def _findings(
+    rng: np.random.Generator,
+    coords: list[np.ndarray],
+    count: tuple[int, int],
+    radius: tuple[float, float],
+    values: tuple[float, ...],
+    inside: np.ndarray,
+    z_radius: tuple[float, float] = (0.15, 0.35),
+) -> np.ndarray:
+    """Random nodules / lesions / cysts: ``count`` ellipsoids at random places (a value each), kept ``inside``.
+
+    They make every image (and every few slices of a volume) different from its neighbours, as lesions and
+    anatomy do in real collections, so that telling two images apart is learnable (instance discrimination
+    is what the graph matching rewards); anatomy alone would leave many near-identical images.
+    """
+    out = np.full(inside.shape, np.nan)
+    for _ in range(rng.integers(count[0], count[1] + 1)):
+        centre = [rng.uniform(-0.6, 0.6), rng.uniform(-0.6, 0.6)]
+        radii = list(rng.uniform(radius[0], radius[1], 2))
+        if len(coords) == 3:
+            centre.append(rng.uniform(-0.9, 0.9))
+            radii.append(rng.uniform(*z_radius))
+        out[_ellipsoid(coords, np.array(centre), np.array(radii)) & inside] = rng.choice(values)
+    return out
 
 
 def _torso_ct(rng: np.random.Generator, shape: tuple[int, int, int] = (96, 96, 28)) -> np.ndarray:
@@ -50,43 +83,72 @@ def _torso_ct(rng: np.random.Generator, shape: tuple[int, int, int] = (96, 96, 2
     return vol + rng.normal(0, 15, shape)
 
 
-def _head_mr(rng: np.random.Generator, shape: tuple[int, int, int] = (80, 80, 20)) -> np.ndarray:
-    """MR-like head: skull ring, brain, two ventricles and an optional bright lesion (arbitrary units)."""
-    x, y, z = _grid(shape)
-    r = np.array([0.8, 0.9, 1.6]) * rng.uniform(0.9, 1.05, 3)
-    vol = np.zeros(shape)
-    vol[_ellipsoid([x, y, z], np.zeros(3), r)] = 300.0
-    vol[_ellipsoid([x, y, z], np.zeros(3), r - [0.1, 0.1, 0.1])] = 650.0
+def _torso_ct_varied(rng: np.random.Generator, shape: tuple[int, int, int] = (96, 96, 12)) -> np.ndarray:
+    """:func:`_torso_ct` in a random pose with random nodules, lesions and cysts (the pretraining collection).
+
+    A separate function: the labeled phantoms (``volume_phantoms``) derive their labels from
+    :func:`_torso_ct`'s intensities and must keep it as it is.
+    """
+    coords = _rotated(_grid(shape), rng.uniform(-0.3, 0.3), rng.uniform(-0.1, 0.1, 2))
+    x, y, z = coords
+    vol = np.full(shape, -1000.0)
+    body_r = np.array([0.85, 0.6, 2.0]) * rng.uniform(0.8, 1.05, 3)
+    body = _ellipsoid(coords, np.zeros(3), body_r)
+    vol[body] = -100.0
+    vol[_ellipsoid(coords, np.zeros(3), body_r - [0.08, 0.08, 0])] = 40.0
+    lungs = np.zeros(shape, bool)
     for side in (-1, 1):
-        vol[_ellipsoid([x, y, z], np.array([0.15 * side, -0.05, 0]), np.array([0.1, 0.3, 0.6]))] = 150.0
-    if rng.random() < 0.7:
-        c = np.append(rng.uniform(-0.4, 0.4, 2), rng.uniform(-0.5, 0.5))
-        vol[_ellipsoid([x, y, z], c, np.full(3, rng.uniform(0.08, 0.2)))] = 950.0
+        lungs |= _ellipsoid(coords, np.array([0.4 * side, -0.05, rng.uniform(-0.5, 0.5)]),
+                            np.array([0.28, 0.38, 1.1]) * rng.uniform(0.7, 1.15, 3)) & body
+    vol[lungs] = -820.0
+    vol[_ellipsoid([x, y], np.array([0.0, 0.42]), np.array([0.12, 0.12]))] = 700.0
+    vol[_ellipsoid(coords, np.array([-0.35, 0.1, rng.uniform(-1.2, 0.0)]), np.array([0.4, 0.35, 0.9]))] = 60.0
+    found = _findings(rng, coords, (6, 12), (0.06, 0.2), (-500.0, 60.0, 250.0, 900.0), body)
+    vol = np.where(np.isnan(found), vol, found)
+    return vol + rng.normal(0, 15, shape)
+
+
+def _head_mr(rng: np.random.Generator, shape: tuple[int, int, int] = (80, 80, 12)) -> np.ndarray:
+    """MR-like head: skull ring, brain, ventricles and random lesions (arbitrary units), in a random pose."""
+    coords = _rotated(_grid(shape), rng.uniform(-0.4, 0.4), rng.uniform(-0.1, 0.1, 2))
+    r = np.array([0.8, 0.9, 1.6]) * rng.uniform(0.85, 1.05, 3)
+    vol = np.zeros(shape)
+    vol[_ellipsoid(coords, np.zeros(3), r)] = 300.0
+    brain = _ellipsoid(coords, np.zeros(3), r - [0.1, 0.1, 0.1])
+    vol[brain] = 650.0
+    size = rng.uniform(0.6, 1.4)
+    for side in (-1, 1):
+        vol[_ellipsoid(coords, np.array([0.15 * side, -0.05, 0]), np.array([0.1, 0.3, 0.6]) * size)] = 150.0
+    found = _findings(rng, coords, (4, 9), (0.06, 0.2), (50.0, 400.0, 950.0), brain)
+    vol = np.where(np.isnan(found), vol, found)
     return np.clip(vol + rng.normal(0, 20, shape), 0, None)
 
 
 def _chest_xray(rng: np.random.Generator, size: int = 128) -> np.ndarray:
-    """Radiograph-like 2D image in [0, 1]: bright body, dark lungs with rib bands, heart shadow."""
-    y, x = _grid((size, size))
-    img = 0.15 + 0.55 * _ellipsoid([x, y], np.zeros(2), np.array([0.9, 1.1]))
+    """Radiograph-like 2D image in [0, 1]: body, lungs with rib bands, heart shadow, random nodules and pose."""
+    x, y = _rotated(_grid((size, size))[::-1], rng.uniform(-0.25, 0.25), rng.uniform(-0.1, 0.1, 2))
+    body = _ellipsoid([x, y], np.zeros(2), np.array([0.9, 1.1]) * rng.uniform(0.8, 1.05, 2))
+    img = 0.15 + 0.55 * body
+    freq, phase = rng.uniform(10, 22), rng.uniform(0, 2 * np.pi)
     for side in (-1, 1):
-        lung = _ellipsoid([x, y], np.array([0.38 * side, -0.1]), np.array([0.3, 0.55]) * rng.uniform(0.85, 1.1))
-        ribs = 0.12 * (np.sin(y * rng.uniform(14, 20) + side * x * 3) > 0.6)
+        lung = _ellipsoid([x, y], np.array([0.38 * side, -0.1]), np.array([0.3, 0.55]) * rng.uniform(0.75, 1.15, 2))
+        ribs = 0.12 * (np.sin(y * freq + phase + side * x * 3) > 0.6)
         img = np.where(lung, 0.25 + ribs, img)
-    img = np.where(_ellipsoid([x, y], np.array([0.1, 0.2]), np.array([0.25, 0.3]) * rng.uniform(0.8, 1.2, 2)),
-                   0.6, img)
+    img = np.where(_ellipsoid([x, y], np.array([rng.uniform(-0.05, 0.25), 0.2]),
+                              np.array([0.25, 0.3]) * rng.uniform(0.7, 1.3, 2)), 0.6, img)
+    found = _findings(rng, [x, y], (1, 4), (0.05, 0.18), (0.05, 0.45, 0.95), body)
+    img = np.where(np.isnan(found), img, found)
     return np.clip(img + rng.normal(0, 0.03, img.shape), 0, 1)
 
 
 def _ultrasound(rng: np.random.Generator, size: int = 112) -> np.ndarray:
-    """Ultrasound-like 2D image: a fan with speckle and one or two dark cysts."""
+    """Ultrasound-like 2D image: a fan with speckle, dark cysts and bright echogenic foci."""
     y, x = _grid((size, size))
     radius, angle = np.hypot(x, y + 1.0), np.arctan2(x, y + 1.0)
-    fan = (radius < 1.9) & (np.abs(angle) < rng.uniform(0.5, 0.7))
-    img = fan * (0.5 + 0.2 * np.sin(radius * rng.uniform(4, 8)))
-    for _ in range(rng.integers(1, 3)):
-        c = np.array([rng.uniform(-0.3, 0.3), rng.uniform(0.0, 0.6)])
-        img = np.where(_ellipsoid([x, y], c, rng.uniform(0.08, 0.2, 2)) & fan, 0.08, img)
+    fan = (radius < rng.uniform(1.5, 1.95)) & (np.abs(angle) < rng.uniform(0.45, 0.75))
+    img = fan * (0.5 + 0.2 * np.sin(radius * rng.uniform(4, 8) + rng.uniform(0, 2 * np.pi)))
+    found = _findings(rng, [x, y], (1, 4), (0.06, 0.22), (0.05, 0.08, 1.0), fan)
+    img = np.where(np.isnan(found), img, found)
     return np.clip(img * rng.gamma(4.0, 0.25, img.shape), 0, 1)
 
 
@@ -112,10 +174,12 @@ def _write_dicom_series(volume: np.ndarray, folder: Path, modality: str = "MR") 
 def write_default_collection(root: str | os.PathLike, seed: int = 0, scale: int = 1) -> Path:
     """Write the built-in pretraining collection under ``root`` once and return its folder.
 
-    ``root/ct/*.nii.gz`` (3 torso volumes), ``root/mr/<series>/*.dcm`` (2 head series), ``root/xr/*.png``
-    (40 radiographs), ``root/us/*.jpg`` (24 ultrasound images); ``scale`` multiplies the counts. About 200
-    usable 2D images at scale 1. The folder is built in a temporary sibling and renamed, so an interrupted
-    call leaves nothing half-written; a later call with the same arguments returns at once.
+    ``root/ct/*.nii.gz`` (6 torso volumes of 12 slices), ``root/mr/<series>/*.dcm`` (4 head series of 12
+    slices), ``root/xr/*.png`` (120 radiographs), ``root/us/*.jpg`` (80 ultrasound images); ``scale``
+    multiplies the counts. 320 2D images at scale 1, each in a random pose with random findings, so that
+    pretraining can learn to tell them apart (10 iterations per epoch at the bundle's batch of 32). The folder
+    is built in a temporary sibling and renamed, so an interrupted call leaves nothing half-written; a later
+    call with the same arguments returns at once.
     """
     import nibabel as nib
     from PIL import Image
@@ -126,14 +190,14 @@ def write_default_collection(root: str | os.PathLike, seed: int = 0, scale: int 
         rng = np.random.default_rng(seed)
         for sub in ("ct", "xr", "us"):
             (tmp / sub).mkdir()
-        for i in range(3 * scale):
-            vol = _torso_ct(rng).astype(np.int16)
+        for i in range(6 * scale):
+            vol = _torso_ct_varied(rng).astype(np.int16)
             nib.save(nib.Nifti1Image(vol, np.diag([1.0, 1.0, 2.5, 1.0])), tmp / "ct" / f"torso_{i:02d}.nii.gz")
-        for i in range(2 * scale):
+        for i in range(4 * scale):
             _write_dicom_series(_head_mr(rng), tmp / "mr" / f"series_{i:02d}")
-        for i in range(40 * scale):
+        for i in range(120 * scale):
             Image.fromarray((_chest_xray(rng) * 255).astype(np.uint8)).save(tmp / "xr" / f"cxr_{i:03d}.png")
-        for i in range(24 * scale):
+        for i in range(80 * scale):
             Image.fromarray((_ultrasound(rng) * 255).astype(np.uint8)).save(tmp / "us" / f"us_{i:03d}.jpg",
                                                                             quality=90)
 

@@ -43,7 +43,8 @@ def tiny(tmp_path_factory) -> dict:
         Image.fromarray((_chest_xray(rng, 64) * 255).astype(np.uint8)).save(root / "data" / "xr" / f"x{i}.png")
     return {"root": root, "overrides": {
         "data": str(root / "data"), "cache_dir": str(root / "cache"), "image_size": 32, "batch_size": 16,
-        "graph_size": 8, "k": 3, "gamma": 4, "progress_bar": False, "num_workers": 0, "log_every": 1}}
+        "graph_size": 8, "k": 3, "gamma": 4, "progress_bar": False, "num_workers": 0, "log_every": 1,
+        "first_order_warmup": 0, "noise_scale": 1.0}}  # the paper's objective from the first iteration
 
 
 def _cli(overrides: dict) -> list[str]:
@@ -104,6 +105,10 @@ def test_two_iteration_run_writes_encoder_and_full_checkpoint(two_iterations):
     assert not torch.equal(first["encoder"]["layer4.2.conv3.weight"], final["encoder"]["layer4.2.conv3.weight"])
     loss = _scalars(out / "logs", "loss")
     assert sorted(loss) == [1, 2] and all(0 <= v <= 2 * 8 for v in loss.values())
+    assert _scalars(out / "logs", "epoch_loss") == {1: pytest.approx((loss[1] + loss[2]) / 2)}  # epoch means
+    accuracy = _scalars(out / "logs", "accuracy")
+    assert _scalars(out / "logs", "epoch_accuracy") == {1: pytest.approx((accuracy[1] + accuracy[2]) / 2)}
+    assert 0 <= _scalars(out / "logs", "epoch_retrieval_accuracy")[1] <= 1
     assert _scalars(out / "logs", "lr")[1] == pytest.approx(1e-3)
 
 

@@ -24,6 +24,8 @@ from monai.transforms import Randomizable
 from torch.utils.data import Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from lvmmed_monai.ssl.views import share_random_state
+
 __all__ = ["GlobalBatchSampler", "SeededViewsDataset", "derive_seed"]
 
 
@@ -123,5 +125,5 @@ class SeededViewsDataset(Dataset):
 
     def __getitem__(self, item: int | tuple[int, int]) -> dict:
         index, seed = (item, item) if isinstance(item, int) else item
-        self.transform.set_random_state(seed=int(seed))
+        share_random_state(self.transform, np.random.RandomState(int(seed)))  # one seeding per sample
         return self.transform(self.base[int(index)])

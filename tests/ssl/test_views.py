@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from monai.data import DataLoader, Dataset
@@ -129,3 +130,27 @@ def test_bad_inputs():
         LVMMedViewsd("image", crop_scale=(0.5, 1.2))
     with pytest.raises(ValueError, match=r"\(N, 2, H, W\)"):
         pool_coords(torch.rand(2, 3, 8, 8), (2, 2))
+
+
+
+def test_share_random_state_reaches_nested_transforms_and_replays_from_the_seed():
+    from monai.transforms import Lambdad, RandFlipd, RandGaussianNoised
+
+    from lvmmed_monai.ssl.views import share_random_state
+
+    def build() -> Compose:
+        return Compose([RandFlipd("x", prob=0.5), Compose([RandGaussianNoised("x", prob=1.0)]),
+                        Lambdad("x", lambda v: v * 2)])
+
+    data = {"x": torch.rand(1, 8, 8)}
+    t1, t2 = build(), build()
+    outs = []
+    for t in (t1, t2, t1):
+        state = np.random.RandomState(7)
+        share_random_state(t, state)
+        noise = t.transforms[1].transforms[0]
+        assert all(x.R is state for x in (t, t.transforms[0], t.transforms[1], noise, noise.rand_gaussian_noise))
+        outs.append(t(dict(data))["x"])
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])  # same seed, same draws
+    share_random_state(t1, np.random.RandomState(8))
+    assert not torch.equal(t1(dict(data))["x"], outs[0])

@@ -118,6 +118,7 @@ class SliceEncoderBase(nn.Module):
     def _chunks(self, n: int) -> list[slice]:
         """At most ``slice_chunk`` slices per chunk, sizes balanced (33 -> 17 + 16, not 32 + 1: a one-slice
         chunk would give BatchNorm one sample in training)."""
+        n = int(n)  # a traced shape (ckpt_export --use_trace) arrives as a 0-d tensor
         count = -(-n // (self.slice_chunk or n))
         bounds = [round(i * n / count) for i in range(count + 1)]
         return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]

@@ -275,3 +275,28 @@ def test_empty_data_folder_fails_with_a_clear_message(tmp_path):
     proc = _run("pretrain.yaml", {"data": str(tmp_path / "empty"), "output_dir": str(tmp_path / "out")})
     assert proc.returncode != 0
     assert f"VolumeDataError: no volume files under {tmp_path / 'empty'}" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_inference_network_exports_with_ckpt_export_traced_at_the_window_shape(tmp_path):
+    """Model zoo's ckpt_export: the hybrid network does not script (module-typed attributes), so it is traced
+    (``--use_trace``) at a sliding-window ROI (``sliding_window: true`` runs it at that shape); the traced
+    model equals the eager one there and for another slice count."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "inference_seg.yaml"))
+    torch.manual_seed(0)
+    net = parser.get_parsed_content("network_def").eval()
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    proc = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(tmp_path / "m.ts"),
+         "--ckpt_file", str(tmp_path / "model.pt"), "--config_file", str(CONFIGS / "inference_seg.yaml"),
+         "--use_trace", "True", "--input_shape", "[1, 1, 32, 32, 6]"],
+        capture_output=True, encoding="utf-8", errors="replace", env=ENV, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    traced = torch.jit.load(str(tmp_path / "m.ts"))
+    for depth in (6, 9):
+        x = torch.rand(1, 1, 32, 32, depth)
+        with torch.no_grad():
+            ref, out = net(x), traced(x)
+        assert out.shape == (1, 3, 32, 32, depth) and torch.allclose(out, ref, atol=1e-5)

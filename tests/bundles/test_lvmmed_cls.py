@@ -8,16 +8,18 @@ for empty folders, a single class, 3D and corrupt files."""
 from __future__ import annotations
 
 import csv
+import functools
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from bundle_helpers import fails as _fails
+from bundle_helpers import ok as _ok
+from bundle_helpers import run_bundle
+from bundle_helpers import scalars as _scalars
 from monai.transforms import LoadImage, ScaleIntensityRangePercentiles
 from PIL import Image
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
@@ -37,39 +39,8 @@ from lvmmed_monai.networks import classification_net_2d
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "bundles" / "lvmmed_cls" / "configs"
 SCHEMA = REPO / "bundles" / "schema" / "meta_schema_20240725.json"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+_run = functools.partial(run_bundle, CONFIGS)
 TINY = {"num_workers": 0, "progress_bar": False}
-
-
-def _run(config: str, overrides: dict, timeout: int = 300) -> subprocess.CompletedProcess:
-    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / config)]
-    for key, value in overrides.items():
-        args += [f"--{key}", json.dumps(value) if isinstance(value, (list, dict)) else str(value)]
-    return subprocess.run(args, capture_output=True, encoding="utf-8", errors="replace", env=ENV, timeout=timeout,
-                          cwd=REPO)
-
-
-def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
-def _fails(proc: subprocess.CompletedProcess, *messages: str) -> None:
-    assert proc.returncode != 0, proc.stdout[-2000:]
-    for message in messages:
-        assert message in proc.stderr, proc.stderr[-3000:]
-
-
-def _scalars(log_dir: Path, tag: str) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values: dict[int, float] = {}
-    for events in sorted(log_dir.glob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events))
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            values.update({e.step: e.value for e in acc.Scalars(tag)})
-    return values
 
 
 def _files(folder: Path) -> list[str]:

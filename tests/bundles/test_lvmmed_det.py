@@ -9,15 +9,16 @@ written, for bad inputs."""
 
 from __future__ import annotations
 
+import functools
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from bundle_helpers import ok as _ok
+from bundle_helpers import run_bundle
+from bundle_helpers import scalars as _scalars
 from PIL import Image
 
 from lvmmed_monai.data.detection import (
@@ -38,37 +39,12 @@ from lvmmed_monai.networks import lvmmed_faster_rcnn
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "bundles" / "lvmmed_det" / "configs"
 SCHEMA = REPO / "bundles" / "schema" / "meta_schema_20240725.json"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+_run = functools.partial(run_bundle, CONFIGS)
 TINY = {"num_workers": 0, "progress_bar": False}
 # fewer proposals and sampled RoIs than torchvision's defaults: the box head dominates the CPU time
 FAST = {"rpn_pre_nms_top_n_train": 400, "rpn_post_nms_top_n_train": 200, "box_batch_size_per_image": 64,
         "rpn_pre_nms_top_n_test": 200, "rpn_post_nms_top_n_test": 100}
 EVAL = {**FAST, "box_score_thresh": 0.0, "box_detections_per_img": 30}  # every class of every proposal scored
-
-
-def _run(config: str, overrides: dict, timeout: int = 300) -> subprocess.CompletedProcess:
-    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / config)]
-    for key, value in overrides.items():
-        args += [f"--{key}", json.dumps(value) if isinstance(value, (list, dict)) else str(value)]
-    return subprocess.run(args, capture_output=True, encoding="utf-8", errors="replace", env=ENV, timeout=timeout,
-                          cwd=REPO)
-
-
-def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
-def _scalars(log_dir: Path, tag: str) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values: dict[int, float] = {}
-    for events in sorted(log_dir.glob("events.out.tfevents.*")):  # trainer and evaluator write one file each
-        acc = EventAccumulator(str(events))
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            values.update({e.step: e.value for e in acc.Scalars(tag)})
-    return values
 
 
 def _files(folder: Path) -> list[str]:

@@ -5,8 +5,7 @@ depths, and clear errors for bad data."""
 
 from __future__ import annotations
 
-import json
-import os
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from bundle_helpers import ENV, run_bundle
+from bundle_helpers import ok as _ok
+from bundle_helpers import save_nifti as _save
+from bundle_helpers import scalars as _scalars
 
 from lvmmed_monai import load_encoder
 from lvmmed_monai.data.phantoms import _torso_ct
@@ -26,41 +29,10 @@ from lvmmed_monai.engines import load_stage_checkpoint
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "bundles" / "lvmmed_hybrid3d" / "configs"
 SCHEMA = REPO / "bundles" / "schema" / "meta_schema_20240725.json"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+_run = functools.partial(run_bundle, CONFIGS)
 TINY_INTER = {"dims": [32, 32, 64, 64], "num_heads": [2, 2, 4, 4]}
 TINY = {"inter_kwargs": TINY_INTER, "num_workers": 0}
 CKPT_KEYS = {"backbone", "criterion", "optimizer", "trainer", "rng"}
-
-
-def _run(config: str, overrides: dict, timeout: int = 300) -> subprocess.CompletedProcess:
-    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / config)]
-    for key, value in overrides.items():
-        args += [f"--{key}", json.dumps(value) if isinstance(value, (list, dict)) else str(value)]
-    return subprocess.run(args, capture_output=True, encoding="utf-8", errors="replace", env=ENV, timeout=timeout,
-                          cwd=REPO)
-
-
-def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
-def _scalars(log_dir: Path, tag: str) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values: dict[int, float] = {}
-    for events in sorted(log_dir.glob("events.out.tfevents.*")):  # trainer and evaluator write one file each
-        acc = EventAccumulator(str(events))
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            values.update({e.step: e.value for e in acc.Scalars(tag)})
-    return values
-
-
-def _save(volume: np.ndarray, path: Path, affine: np.ndarray | None = None, dtype: type = np.int16) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(volume.astype(dtype), np.eye(4) if affine is None else affine), path)
-    return path
 
 
 def test_metadata_and_network_shapes_verify():

@@ -4,7 +4,6 @@ outputs, kill + resume, 2-process DDP vs 1 process, a bad-data failure and the e
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -14,6 +13,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from bundle_helpers import ENV
+from bundle_helpers import scalars as _scalars
 from PIL import Image
 
 from lvmmed_monai import load_encoder
@@ -25,7 +26,6 @@ TRAIN = str(BUNDLE / "configs" / "train.yaml")
 MULTI = str(BUNDLE / "configs" / "multi_gpu_train.yaml")
 SCHEMA = REPO / "bundles" / "schema" / "meta_schema_20240725.json"
 BIN = Path(sys.executable).parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # same float rounding in every run; modest CPU use
 CKPT_KEYS = {"encoder", "criterion", "optimizer", "lr_scheduler", "trainer", "grad_scaler", "rng"}
 
 
@@ -57,14 +57,6 @@ def _cli(overrides: dict) -> list[str]:
 def _run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True,
         encoding="utf-8", errors="replace", env=ENV, timeout=timeout, cwd=REPO)
-
-
-def _scalars(log_dir: Path, tag: str) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(log_dir))
-    acc.Reload()
-    return {e.step: e.value for e in acc.Scalars(tag)}
 
 
 def test_metadata_verifies_against_the_schema_in_the_repo(tmp_path):

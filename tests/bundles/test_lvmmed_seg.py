@@ -8,8 +8,8 @@ the input's shape and affine, atomic files), evaluation metrics equal to MONAI's
 from __future__ import annotations
 
 import csv
+import functools
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +18,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from bundle_helpers import ENV, run_bundle
+from bundle_helpers import fails as _fails
+from bundle_helpers import ok as _ok
+from bundle_helpers import save_nifti as _save
+from bundle_helpers import scalars as _scalars
 from monai.metrics import compute_dice, compute_iou
 from monai.transforms import LoadImage, ScaleIntensityRangePercentiles
 from PIL import Image
@@ -41,46 +46,9 @@ from lvmmed_monai.networks import segmentation_net_2d
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "bundles" / "lvmmed_seg" / "configs"
 SCHEMA = REPO / "bundles" / "schema" / "meta_schema_20240725.json"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+_run = functools.partial(run_bundle, CONFIGS)
 TINY = {"num_workers": 0, "progress_bar": False}
 AFFINE = np.array([[0, -0.7, 0, 10.0], [0.9, 0, 0, -5.0], [0, 0, 3.0, 2.0], [0, 0, 0, 1]])
-
-
-def _run(config: str, overrides: dict, timeout: int = 300) -> subprocess.CompletedProcess:
-    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / config)]
-    for key, value in overrides.items():
-        args += [f"--{key}", json.dumps(value) if isinstance(value, (list, dict)) else str(value)]
-    return subprocess.run(args, capture_output=True, encoding="utf-8", errors="replace", env=ENV, timeout=timeout,
-                          cwd=REPO)
-
-
-def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
-def _fails(proc: subprocess.CompletedProcess, *messages: str) -> None:
-    assert proc.returncode != 0, proc.stdout[-2000:]
-    for message in messages:
-        assert message in proc.stderr, proc.stderr[-3000:]
-
-
-def _scalars(log_dir: Path, tag: str) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    values: dict[int, float] = {}
-    for events in sorted(log_dir.glob("events.out.tfevents.*")):  # trainer and evaluator write one file each
-        acc = EventAccumulator(str(events))
-        acc.Reload()
-        if tag in acc.Tags()["scalars"]:
-            values.update({e.step: e.value for e in acc.Scalars(tag)})
-    return values
-
-
-def _save(array: np.ndarray, path: Path, affine: np.ndarray | None = None, dtype: type = np.int16) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(array.astype(dtype), np.eye(4) if affine is None else affine), path)
-    return path
 
 
 def _files(folder: Path) -> list[str]:

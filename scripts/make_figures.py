@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -190,19 +188,10 @@ def _phantom_dir(run_dir: Path) -> Path:
 
 def train(run_dir: Path, epochs: int) -> None:
     """Run ``train.yaml`` into a temporary sibling of ``run_dir`` and rename it over ``run_dir``."""
-    from lvmmed_monai.data.writers import make_readable
+    from lvmmed_monai.data.writers import build_folder
 
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=run_dir.parent, prefix=f".{run_dir.name}."))
-    try:
-        run_bundle("train.yaml", {"output_dir": tmp, "max_epochs": epochs, "progress_bar": "false"})
-        make_readable(tmp)
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        os.replace(tmp, run_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    build_folder(run_dir, lambda tmp: run_bundle("train.yaml", {"output_dir": tmp, "max_epochs": epochs,
+                                                                "progress_bar": "false"}))
 
 
 def make_overlay(run_dir: Path, out_png: Path) -> Path:

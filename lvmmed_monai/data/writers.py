@@ -103,16 +103,3 @@ def write_folder_once(root: str | os.PathLike, stamp: Mapping[str, Any], fill: C
         (tmp / stamp_name).write_text(json.dumps(stamp))
 
     return build_folder(root, fill_and_stamp)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
-    try:
-        fill(tmp)
-        (tmp / stamp_name).write_text(json.dumps(stamp))
-        make_readable(tmp)
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return root

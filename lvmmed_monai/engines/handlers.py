@@ -1,4 +1,5 @@
-"""Handlers for the pretraining engine: atomic checkpoints, resume-from-latest, encoder export, progress bar.
+"""Handlers for the pretraining engine: atomic checkpoints, resume-from-latest, encoder export, progress bar,
+first-order warm-up and an online kNN probe of the encoder.
 
 MONAI's ``CheckpointSaver`` writes with ``atomic=False`` (to keep group read permission), so a run killed
 while saving leaves a truncated ``.pt`` that "resume from the latest checkpoint" would pick;
@@ -10,9 +11,11 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
+import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import DiskSaver
 from ignite.handlers import ProgressBar as _IgniteProgressBar
@@ -22,7 +25,7 @@ from torch import nn
 from lvmmed_monai.weights import export_encoder
 
 __all__ = ["AtomicCheckpointSaver", "latest_checkpoint", "attach_checkpointing", "EncoderExportHandler",
-           "PretrainProgressBar", "FirstOrderWarmup"]
+           "PretrainProgressBar", "FirstOrderWarmup", "OnlineProbe"]
 
 logger = logging.getLogger(__name__)
 _ITERATION = re.compile(r"iteration=(\d+)\.pt$")
@@ -167,3 +170,107 @@ class FirstOrderWarmup:
         if engine.state.iteration == self.iterations + 1:
             logger.info("first-order warm-up done after %d iterations: second_order=%s, noise_scale=%s",
                         self.iterations, self.second_order, self.noise_scale)
+
+
+class OnlineProbe:
+    """Every ``interval`` epochs and at the last one, the kNN accuracy of the current encoder, frozen, on a small
+    labelled hold-out, into ``engine.state.metrics[name]`` (as solo-learn's online kNN probe).
+
+    Why: the training statistics (matching and retrieval accuracy) say whether the pretext task is learned, not
+    whether the features separate anything else; this tracks that during the run at a few seconds per probe.
+
+    It leaves training untouched: the encoder runs in eval mode (no BatchNorm running-statistic updates) under
+    ``torch.no_grad()`` on the device it is on, its train/eval mode is restored afterwards, and the hold-out
+    is built once, on first use, from ``seed`` alone (own numpy / torch generators; no global random stream is
+    drawn from). Attached at ``EPOCH_COMPLETED``, it must come before MONAI's ``StatsHandler`` and
+    ``TensorBoardStatsHandler`` in the handler list (handlers fire in attach order) for their epoch line and
+    plot to include the value. On the epochs it skips, the key is removed from the metrics, so the epoch line
+    and TensorBoard show only measured values (no stale repeats).
+
+    Args:
+        encoder: the encoder being trained (not a DDP wrapper), with ``feature_map``.
+        image_size: hold-out image size (the pretraining view size).
+        encoder_name: picks the input normalisation (:func:`~lvmmed_monai.engines.pretrain.input_normalization`).
+        interval: epochs between probes (0: disabled).
+        data: None for generated shape phantoms (``num_train`` + ``num_test``, 4 classes), or a folder with one
+            sub-folder of 2D images per class (split 50/50 by a permutation seeded with ``seed``).
+        num_train, num_test: hold-out sizes for the phantoms.
+        k: neighbours of the cosine kNN vote.
+        seed: seeds the hold-out (the phantoms use ``seed + 1000``, as ``evaluate.yaml``'s probes).
+        enabled: False on non-zero ranks.
+        device: the device the encoder trains on (None: that of its parameters); the probe never moves it.
+        name: the metric name. batch_size: images per encoder pass.
+    """
+
+    def __init__(self, encoder: nn.Module, image_size: int, encoder_name: str = "lvmmed_resnet50",
+                 interval: int = 5, data: str | os.PathLike | None = None, num_train: int = 200,
+                 num_test: int = 200, k: int = 10, seed: int = 0, enabled: bool = True,
+                 device: str | torch.device | None = None, name: str = "probe_knn_accuracy",
+                 batch_size: int = 64) -> None:
+        if interval < 0:
+            raise ValueError(f"interval must be >= 0, got {interval}")
+        self.encoder, self.image_size, self.encoder_name = encoder, int(image_size), encoder_name
+        self.interval, self.data, self.num_train, self.num_test = int(interval), data, int(num_train), int(num_test)
+        self.k, self.seed, self.enabled, self.name, self.batch_size = int(k), int(seed), enabled, name, batch_size
+        self.device = None if device is None else torch.device(device)
+        self._holdout: tuple[torch.Tensor, ...] | None = None
+
+    def attach(self, engine: Engine) -> None:
+        if self.enabled and self.interval:
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def holdout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(train_x, train_y, test_x, test_y)``, built on the first call and kept."""
+        if self._holdout is None:
+            from lvmmed_monai.data.phantoms import shape_phantoms
+            from lvmmed_monai.evaluation import load_labeled_folder
+
+            if self.data:
+                x, y, _ = load_labeled_folder(self.data, self.image_size)
+                perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.seed))
+                half = len(y) // 2
+                self._holdout = (x[perm[:half]], y[perm[:half]], x[perm[half:]], y[perm[half:]])
+            else:
+                xs, ys = shape_phantoms(self.num_train + self.num_test, size=self.image_size, seed=self.seed + 1000)
+                x, y = torch.from_numpy(xs), torch.from_numpy(ys)
+                n = self.num_train
+                self._holdout = (x[:n], y[:n], x[n:], y[n:])
+        return self._holdout
+
+    def _device(self) -> torch.device:
+        param = next(self.encoder.parameters(), None)
+        here = param.device if param is not None else torch.device("cpu")
+        want = self.device
+        other_index = want is not None and None not in (want.index, here.index) and want.index != here.index
+        if want is not None and (want.type != here.type or other_index):
+            raise ValueError(f"OnlineProbe(device={self.device}) but the encoder is on {here}; the probe does "
+                             "not move the encoder being trained")
+        return here
+
+    def compute(self) -> float:
+        """The kNN accuracy of the encoder now (eval mode, no gradients; its mode is restored)."""
+        from lvmmed_monai.engines.pretrain import input_normalization
+        from lvmmed_monai.evaluation import embed, knn_accuracy
+
+        device, was_training = self._device(), self.encoder.training
+        xtr, ytr, xte, yte = self.holdout()
+        mean, std = input_normalization(self.encoder_name)
+        try:
+            with torch.no_grad():
+                ftr = embed(self.encoder, xtr, mean, std, batch_size=self.batch_size, device=device)
+                fte = embed(self.encoder, xte, mean, std, batch_size=self.batch_size, device=device)
+        finally:
+            self.encoder.train(was_training)
+        return knn_accuracy(ftr, ytr, fte, yte, k=self.k)
+
+    def __call__(self, engine: Engine) -> None:
+        epoch, last = engine.state.epoch, engine.state.max_epochs
+        if epoch % self.interval and epoch != last:
+            engine.state.metrics.pop(self.name, None)
+            return
+        start = time.perf_counter()
+        value = self.compute()
+        engine.state.metrics[self.name] = value
+        logger.info("epoch %d: online kNN probe (k=%d, %d train / %d test images) %s = %.4f (%.1f s)", epoch,
+                    self.k, len(self.holdout()[1]), len(self.holdout()[3]), self.name, value,
+                    time.perf_counter() - start)

@@ -18,7 +18,8 @@ from torch import nn
 
 from lvmmed_monai.data.phantoms import SHAPE_CLASSES, shape_phantoms
 
-__all__ = ["embed", "knn_accuracy", "linear_probe_accuracy", "load_labeled_folder", "compare_encoders"]
+__all__ = ["embed", "knn_accuracy", "linear_probe_accuracy", "load_labeled_folder", "compare_encoders",
+           "effective_rank", "mean_dice", "segmentation_probe_dice", "finetune_segmentation_dice"]
 
 logger = logging.getLogger(__name__)
 
@@ -128,3 +129,107 @@ def compare_encoders(
     lines += [f"{name:<14}{r['knn']:>12.3f}{r['linear']:>14.3f}" for name, r in results.items()]
     print("\n".join(lines), flush=True)
     return results
+
+
+def effective_rank(features: torch.Tensor) -> float:
+    """RankMe effective rank (Garrido et al. 2023): ``exp`` of the entropy of the normalised singular values of
+    the centred ``(N, D)`` features; between 1 (all variance on one axis: collapse) and ``min(N, D)``."""
+    x = features.double() - features.double().mean(0)
+    s = torch.linalg.svdvals(x)
+    p = s / s.sum().clamp_min(1e-12)
+    return float(torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum()))
+
+
+def _levels(encoder: nn.Module, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """All stage outputs but the stem (strides 4..32) resized to ``size`` and concatenated (hypercolumns)."""
+    feats = encoder(x)[1:]
+    return torch.cat([F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in feats], 1)
+
+
+def mean_dice(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:
+    """Mean Dice over the foreground classes present in ``target`` or ``pred`` ((N, H, W) label maps),
+    pooled over all images (MONAI's ``compute_dice`` on one-hot maps with the batch flattened into one)."""
+    from monai.metrics import compute_dice
+
+    def one_hot(t: torch.Tensor) -> torch.Tensor:
+        return F.one_hot(t.flatten(), num_classes).T.reshape(1, num_classes, -1, 1).float()
+
+    dice = compute_dice(one_hot(pred), one_hot(target), include_background=False, ignore_empty=True)
+    return float(dice.nanmean())
+
+
+def segmentation_probe_dice(
+    encoder: nn.Module, mean: tuple, std: tuple, train_x: torch.Tensor, train_y: torch.Tensor,
+    test_x: torch.Tensor, test_y: torch.Tensor, num_classes: int, steps: int = 300, stride: int = 8,
+    lr: float = 0.05, weight_decay: float = 1e-4, seed: int = 0,
+) -> float:
+    """Linear segmentation probe on a frozen encoder: a 1x1 convolution on its hypercolumn features (all stages,
+    resized to ``1 / stride`` of the input and standardised), logits upsampled bilinearly, cross-entropy with
+    Adam for ``steps`` full-batch steps; returns the test mean Dice (:func:`mean_dice`).
+
+    Why hypercolumns: a 64 px input gives ResNet-50 a 2 x 2 last stage, too coarse alone for a label map.
+    """
+    h, w = train_x.shape[-2:]
+    grid = (h // stride, w // stride)
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
+    encoder = encoder.eval()
+    with torch.no_grad():
+        def hyper(x: torch.Tensor) -> torch.Tensor:
+            x = x.float().expand(-1, 3, -1, -1) if x.shape[1] == 1 else x.float()
+            return torch.cat([_levels(encoder, (c - m) / s, grid) for c in x.split(32)])
+
+        ftr, fte = hyper(train_x), hyper(test_x)
+        mu, sd = ftr.mean((0, 2, 3), keepdim=True), ftr.std((0, 2, 3), keepdim=True).clamp_min(1e-6)
+        ftr, fte = (ftr - mu) / sd, (fte - mu) / sd
+    gen = torch.Generator().manual_seed(seed)
+    head = nn.Conv2d(ftr.shape[1], num_classes, 1)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * 0.01)
+        head.bias.zero_()
+    opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
+    for _ in range(steps):
+        logits = F.interpolate(head(ftr), size=(h, w), mode="bilinear", align_corners=False)
+        loss = F.cross_entropy(logits, train_y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        pred = F.interpolate(head(fte), size=(h, w), mode="bilinear", align_corners=False).argmax(1)
+    return mean_dice(pred, test_y, num_classes)
+
+
+def finetune_segmentation_dice(
+    encoder_state: dict[str, torch.Tensor], mean: tuple, std: tuple, train_x: torch.Tensor,
+    train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor, num_classes: int, steps: int = 100,
+    batch_size: int = 8, lr: float = 1e-3, seed: int = 0,
+) -> float:
+    """Fine-tune MONAI's FlexibleUNet (:class:`~lvmmed_monai.networks.LVMMedFlexibleUNet`) whose ResNet-50
+    encoder starts from ``encoder_state`` for ``steps`` Adam steps (Dice + cross-entropy, the decoder and the
+    batch order seeded alike for every encoder); returns the test mean Dice (:func:`mean_dice`)."""
+    from monai.losses import DiceCELoss
+
+    from lvmmed_monai.networks import LVMMedFlexibleUNet
+
+    torch.manual_seed(seed)
+    net = LVMMedFlexibleUNet(in_channels=3, out_channels=num_classes, weights=encoder_state)
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
+
+    def prep(x: torch.Tensor) -> torch.Tensor:
+        return (x.float().expand(-1, 3, -1, -1) - m) / s
+
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    net.train()
+    for _ in range(steps):
+        idx = torch.randint(len(train_x), (batch_size,), generator=gen)
+        loss = loss_fn(net(prep(train_x[idx])), train_y[idx, None])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    with torch.no_grad():
+        pred = torch.cat([net(prep(c)).argmax(1) for c in test_x.split(16)])
+    return mean_dice(pred, test_y, num_classes)

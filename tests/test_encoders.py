@@ -64,3 +64,19 @@ def test_vit_rejects_bad_construction():
         LVMMedViTB(img_size=100)
     with pytest.raises(ValueError, match="out_indices"):
         LVMMedViTB(img_size=32, out_indices=(12,))
+
+
+def test_zero_init_residual_makes_every_block_the_identity_at_init(one_thread):
+    from lvmmed_monai.engines import build_encoder
+
+    enc = build_encoder("lvmmed_resnet50", 64, zero_init_residual=True).eval()
+    bn3 = [b.bn3.weight for layer in (enc.layer1, enc.layer2, enc.layer3, enc.layer4) for b in layer]
+    assert len(bn3) == 16 and all(float(w.abs().max()) == 0.0 for w in bn3)
+    x = torch.rand(2, 256, 8, 8)  # post-ReLU input of a block without downsampling
+    assert torch.equal(enc.layer1[1](x), x)
+    # loaded weights win, and the option is for the ResNet only
+    standard = build_encoder("lvmmed_resnet50", 64).state_dict()
+    loaded = build_encoder("lvmmed_resnet50", 64, weights=standard, zero_init_residual=True).state_dict()
+    assert all(torch.equal(v, loaded[k]) for k, v in standard.items())
+    with pytest.raises(ValueError, match="zero_init_residual"):
+        build_encoder("lvmmed_vit_b", 64, zero_init_residual=True)

@@ -35,6 +35,10 @@ class LVMMedResNet50(ResNetFeatures, BaseEncoder, LoadsWeights):
         spatial_dims: must be 2 (LVM-Med is a 2D model; use the hybrid backbone for volumes).
         pretrained: FlexibleUNet's flag; True without ``weights`` is an error, weights are never implicit.
         strict: raise :class:`~lvmmed_monai.weights.CheckpointMismatchError` on any key/shape mismatch.
+        zero_init_residual: random init only: zero the last BatchNorm scale of every bottleneck, so each
+            residual block starts as the identity (torchvision's ``resnet50(zero_init_residual=True)``, Goyal et
+            al. 2017; MoCo v3 pretrains so). MONAI's ``ResNetFeatures`` has no such option. Ignored when
+            ``weights`` are loaded.
     """
 
     weights_layout = "torchvision_resnet50"
@@ -49,6 +53,7 @@ class LVMMedResNet50(ResNetFeatures, BaseEncoder, LoadsWeights):
         spatial_dims: int = 2,
         pretrained: bool = False,
         strict: bool = True,
+        zero_init_residual: bool = False,
     ) -> None:
         if spatial_dims != 2:
             raise ValueError(
@@ -59,6 +64,10 @@ class LVMMedResNet50(ResNetFeatures, BaseEncoder, LoadsWeights):
             raise ValueError(f"in_channels must be >= 1, got {in_channels}")
         super().__init__("resnet50", pretrained=False, spatial_dims=2, in_channels=in_channels)
         self.load_report: LoadReport | None = None
+        if zero_init_residual:
+            for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+                for block in layer:
+                    torch.nn.init.zeros_(block.bn3.weight)
         if weights is not None:
             self.load_weights(weights, strict=strict)
         elif pretrained:
@@ -66,7 +75,6 @@ class LVMMedResNet50(ResNetFeatures, BaseEncoder, LoadsWeights):
                 "pretrained=True needs a weights file: LVM-Med weights are never downloaded implicitly. Build "
                 "lvmmed_monai.networks.LVMMedFlexibleUNet(..., weights=PATH) or call encoder.load_weights(PATH)."
             )
-
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, C, H, W)`` -> last stage ``(N, 2048, H/32, W/32)``, without computing the list of skips."""

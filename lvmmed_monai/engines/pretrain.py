@@ -47,11 +47,18 @@ def as_bool(value: bool | int | str) -> bool:
     raise ValueError(f"expected a boolean flag (true/false), got {value!r}")
 
 
-def build_encoder(name: str, image_size: int, weights: str | None = None) -> nn.Module:
+def build_encoder(
+    name: str, image_size: int, weights: str | None = None, zero_init_residual: bool = False
+) -> nn.Module:
     """The encoder to pretrain (3 input channels, the official layouts' stem); the ViT gets ``img_size``
     tables for ``image_size`` and its SAM neck, unused by ``feature_map``, is frozen (DDP needs every
-    trainable parameter to get a gradient)."""
+    trainable parameter to get a gradient). ``zero_init_residual`` (ResNet-50, random init only): every
+    residual block starts as the identity (see :class:`~lvmmed_monai.encoders.LVMMedResNet50`)."""
     kwargs = {"img_size": image_size} if name == "lvmmed_vit_b" else {}
+    if zero_init_residual:
+        if name != "lvmmed_resnet50":
+            raise ValueError(f"zero_init_residual applies to lvmmed_resnet50 only, not {name!r}; set it to false")
+        kwargs["zero_init_residual"] = True
     encoder = load_encoder(name, weights=weights, in_channels=3, **kwargs)
     if hasattr(encoder, "neck"):
         encoder.neck.requires_grad_(False)

@@ -1,0 +1,152 @@
+"""The pieces of benchmarks/ssl_quality.py on tiny synthetic inputs (no mricron-data needed): atlas tasks and
+their disjoint-slice split, the InfoNCE baseline against MONAI's ContrastiveLoss and the paper's formula, and
+the probes (effective rank, Dice, segmentation probe) against values known by construction."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from monai.losses import ContrastiveLoss
+from torch import nn
+
+from lvmmed_monai.data.atlas import (
+    aal_lobe_lookup,
+    disjoint_slice_split,
+    normalize_volume,
+    region_patches,
+    segmentation_slices,
+)
+from lvmmed_monai.evaluation import effective_rank, mean_dice, segmentation_probe_dice
+from lvmmed_monai.ssl import SimCLRLoss
+
+
+@pytest.mark.parametrize("n, block, gap", [(146, 10, 2), (37, 6, 1), (20, 4, 0)])
+def test_split_is_disjoint_alternating_and_keeps_a_gap(n, block, gap):
+    slices = np.arange(5, 5 + n)
+    train, test = disjoint_slice_split(slices, block=block, gap=gap)
+    assert len(train) and len(test) and not set(train) & set(test)
+    assert np.abs(train[:, None] - test[None, :]).min() > gap  # no test slice within `gap` of a train slice
+    assert train[0] == slices[0]  # the first block is train, kept from its first slice
+    # brute force: the block of each kept slice decides its side
+    for s in np.concatenate([train, test]):
+        assert ((s - 5) // block) % 2 == (0 if s in train else 1)
+    dropped = set(slices) - set(train) - set(test)
+    assert len(dropped) <= 2 * gap * (n // block)
+    with pytest.raises(ValueError, match="2 \\* gap < block"):
+        disjoint_slice_split(slices, block=4, gap=2)
+
+
+def test_aal_lookup_groups_by_first_code_digit(tmp_path):
+    txt = tmp_path / "aal.nii.txt"
+    txt.write_text("1 Precentral_L 2001\n2 Insula_L 3001\n3 Cingulum_Ant_L 4001\n7 Cerebelum_3_L 9031\n"
+                   "9 Frontal_Sup_R 2102\n")
+    lookup, names = aal_lobe_lookup(txt)
+    assert names == ["frontal", "insula", "limbic", "cerebellum"]
+    assert lookup.tolist() == [0, 1, 2, 3, 0, 0, 0, 4, 0, 1]
+    (tmp_path / "bad.txt").write_text("nothing here\n")
+    with pytest.raises(ValueError, match="bad.txt"):
+        aal_lobe_lookup(tmp_path / "bad.txt")
+
+
+def _volume() -> tuple[np.ndarray, np.ndarray]:
+    """A 40 x 48 x 12 volume whose voxel values encode their own (x, y) and a 3-class map of quadrants."""
+    x, y, _ = np.meshgrid(np.arange(40), np.arange(48), np.arange(12), indexing="ij")
+    image = (x * 48 + y).astype(np.float32) / (40 * 48)
+    classes = np.zeros((40, 48, 12), dtype=np.int64)
+    classes[5:20, 5:20] = 1
+    classes[20:35, 5:20] = 2
+    classes[5:35, 25:40] = 3
+    return image, classes
+
+
+def test_region_patches_are_centred_on_a_voxel_of_their_class():
+    image, classes = _volume()
+    x, y = region_patches(image, classes, np.array([2, 7]), patch=8, per_class=30, seed=0)
+    assert x.shape == (90, 1, 8, 8) and np.bincount(y.numpy()).tolist() == [30, 30, 30]
+    centre = (x[:, 0, 4, 4].numpy() * 40 * 48).round().astype(int)  # pixel (4, 4) = the chosen voxel
+    vx, vy = centre // 48, centre % 48
+    assert (classes[vx, vy, 0] == y.numpy() + 1).all()
+    # only the given slices are used: a class present only in slice 0 yields nothing
+    classes2 = classes.copy()
+    classes2[:, :, 1:] = 0
+    with pytest.raises(ValueError, match="no labelled voxel"):
+        region_patches(image, classes2, np.array([3]), patch=8)
+
+
+def test_segmentation_slices_pad_to_square_and_keep_labels():
+    image, classes = _volume()
+    x, y = segmentation_slices(image, classes, np.array([0, 5, 11]), size=24)
+    assert x.shape == (3, 1, 24, 24) and y.shape == (3, 24, 24) and y.dtype == torch.long
+    assert set(y.unique().tolist()) == {0, 1, 2, 3} and 0.0 <= x.min() and x.max() <= 1.0
+    # 40 x 48 padded to 48 x 48 (4 rows each side) then halved: class 1 rows 5..19 -> 4.5..11.5
+    assert (y[0, 5:11, 3:9] == 1).all() and (y[0, :2] == 0).all()
+    with pytest.raises(ValueError, match="constant"):
+        normalize_volume(np.ones((4, 4, 4)))
+
+
+def test_simclr_loss_is_monai_contrastive_loss_and_nt_xent():
+    torch.manual_seed(0)
+    crit = SimCLRLoss(in_dim=16, proj_dim=8, hidden_dim=32, temperature=0.2).eval()
+    fs, ft = torch.randn(6, 16, 2, 2), torch.randn(6, 16, 2, 2)
+    loss, stats = crit(fs, ft)
+    z = crit.projector(torch.cat([fs.mean((2, 3)), ft.mean((2, 3))]))
+    assert torch.allclose(loss, ContrastiveLoss(temperature=0.2)(z[:6], z[6:]))
+    # NT-Xent written out (Chen et al. 2020, Eq. 1): positives i <-> i + N, all other 2N - 2 as negatives
+    u = F.normalize(z, dim=1)
+    sim = u @ u.T / 0.2
+    sim.fill_diagonal_(float("-inf"))
+    pos = torch.cat([torch.arange(6, 12), torch.arange(6)])
+    assert torch.allclose(loss, F.cross_entropy(sim, pos), atol=1e-5)
+    assert 0.0 <= float(stats["retrieval_accuracy"]) <= 1.0
+    loss.backward()  # gradients reach the projection head
+    assert crit.projector[0].weight.grad is not None
+    # identical views of well-separated images: retrieval is perfect
+    _, stats = crit(fs, fs.clone())
+    assert float(stats["retrieval_accuracy"]) == 1.0
+    with pytest.raises(ValueError, match="feats_s"):
+        crit(torch.randn(6, 8, 2, 2), ft)
+
+
+def test_effective_rank_counts_equal_directions():
+    basis = torch.linalg.qr(torch.randn(64, 64))[0]
+    for r in (1, 4, 16):
+        signs = torch.tensor([[1.0], [-1.0]]).repeat(r, 1)  # each axis +-1: centred, equal singular values
+        x = torch.zeros(2 * r, 64)
+        x[torch.arange(2 * r), torch.arange(r).repeat_interleave(2)] = signs[:, 0]
+        assert effective_rank(x @ basis) == pytest.approx(r, rel=1e-6)
+
+
+def test_mean_dice_by_hand():
+    target = torch.zeros(2, 4, 4, dtype=torch.long)
+    target[0, :2] = 1  # 8 pixels of class 1
+    target[1, :, :1] = 2  # 4 pixels of class 2
+    pred = target.clone()
+    pred[0, 0] = 0  # class 1: 4 of 8 found -> Dice 2*4 / (4 + 8) = 2/3
+    assert mean_dice(pred, target, 3) == pytest.approx((2 / 3 + 1.0) / 2)
+    assert mean_dice(target, target, 3) == 1.0
+
+
+class _OracleEncoder(nn.Module):
+    """Stage outputs whose channels are the one-hot labels (strides 4..32), as a perfect frozen encoder."""
+
+    def __init__(self, labels: dict[int, torch.Tensor]) -> None:
+        super().__init__()
+        self.labels = labels
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        onehot = torch.stack([self.labels[int(v)] for v in x[:, 0, 0, 0].round()])  # the image's id in pixel 0
+        return [onehot] + [F.avg_pool2d(onehot, s) for s in (4, 8, 16, 32)]
+
+
+def test_segmentation_probe_reaches_dice_one_with_label_features():
+    torch.manual_seed(0)
+    labels = torch.zeros(6, 32, 32, dtype=torch.long)
+    for i in range(6):
+        labels[i, 4 + i:20 + i, 8:24] = 1 + i % 2
+    onehot = {i: F.one_hot(labels[i], 3).permute(2, 0, 1).float() for i in range(6)}
+    images = torch.arange(6.0).view(6, 1, 1, 1).expand(6, 1, 32, 32).contiguous()
+    dice = segmentation_probe_dice(_OracleEncoder(onehot), (0.0,) * 3, (1.0,) * 3, images[:4], labels[:4],
+                                   images[4:], labels[4:], num_classes=3, steps=150, stride=4)
+    assert dice > 0.95

@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo pretrain test lint bench clean figures
+.PHONY: setup real-data demo pretrain test lint bench ssl-quality clean figures
 
 setup:
 	@bash scripts/setup.sh
@@ -18,7 +18,13 @@ test: setup
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
-bench: setup
+real-data:
+	@bash scripts/install_real_data.sh
+
+ssl-quality: setup real-data
+	$(PY) benchmarks/ssl_quality.py
+
+bench: setup real-data
 	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:

@@ -100,6 +100,13 @@ def normalize_volume(volume: np.ndarray, percentiles: tuple[float, float] = (0.5
     return np.clip((volume.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)
 
 
+def _take_slices(image: np.ndarray, classes: np.ndarray, slices: np.ndarray, axis: int) -> tuple[np.ndarray, ...]:
+    """The given slices of the image and of its class map, slice axis first."""
+    if image.shape != classes.shape:
+        raise ValueError(f"image {image.shape} and class map {classes.shape} must have the same shape")
+    return np.moveaxis(image, axis, 0)[slices], np.moveaxis(classes, axis, 0)[slices]
+
+
 def region_patches(
     image: np.ndarray,
     classes: np.ndarray,
@@ -115,11 +122,8 @@ def region_patches(
     ``per_class`` centres are drawn per class (without replacement, seeded), so classes are balanced where the
     slices allow. Outside the slice the patch is 0.
     """
-    if image.shape != classes.shape:
-        raise ValueError(f"image {image.shape} and class map {classes.shape} must have the same shape")
     rng = np.random.default_rng(seed)
-    img = np.moveaxis(image, axis, 0)[slices]
-    cls = np.moveaxis(classes, axis, 0)[slices]
+    img, cls = _take_slices(image, classes, slices, axis)
     half = patch // 2
     padded = np.pad(img, ((0, 0), (half, half), (half, half)))
     xs, ys = [], []
@@ -145,10 +149,7 @@ def segmentation_slices(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Whole slices padded to a square and resized to ``size``: images ``(N, 1, size, size)`` (bilinear) and
     label maps ``(N, size, size)`` (nearest)."""
-    if image.shape != classes.shape:
-        raise ValueError(f"image {image.shape} and class map {classes.shape} must have the same shape")
-    img = torch.from_numpy(np.moveaxis(image, axis, 0)[slices].astype(np.float32))[:, None]
-    lab = torch.from_numpy(np.moveaxis(classes, axis, 0)[slices].astype(np.float32))[:, None]
+    img, lab = (torch.from_numpy(a.astype(np.float32))[:, None] for a in _take_slices(image, classes, slices, axis))
     h, w = img.shape[-2:]
     side = max(h, w)
     pad = ((side - w) // 2, side - w - (side - w) // 2, (side - h) // 2, side - h - (side - h) // 2)

@@ -152,7 +152,7 @@ def pretrain(method: str, args: argparse.Namespace, data: Path, out: Path, probe
     """Train one objective for ``args.iterations`` iterations from the seeded random init; returns the encoder's
     state dict and the per-iteration log."""
     from lvmmed_monai.data.sampling import derive_seed
-    from lvmmed_monai.engines import FirstOrderWarmup, LVMMedPretrainModel
+    from lvmmed_monai.engines import FirstOrderWarmup, LVMMedPretrainModel, halving_milestones
     from lvmmed_monai.ssl import SimCLRLoss
 
     overrides = {**_overrides(args), **GM_ABLATIONS.get(method, {})}
@@ -173,8 +173,6 @@ def pretrain(method: str, args: argparse.Namespace, data: Path, out: Path, probe
     sampler = loader.sampler
     lr = float(parser.get_parsed_content("lr"))
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=float(parser.get_parsed_content("weight_decay")))
-    from lvmmed_monai.engines import halving_milestones
-
     sched = torch.optim.lr_scheduler.MultiStepLR(
         opt, halving_milestones(args.iterations, int(parser.get_parsed_content("lr_halvings"))), gamma=0.5)
     clip = parser.get_parsed_content("clip_grad_norm")

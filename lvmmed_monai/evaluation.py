@@ -18,7 +18,7 @@ from torch import nn
 
 from lvmmed_monai.data.phantoms import SHAPE_CLASSES, shape_phantoms
 
-__all__ = ["embed", "knn_accuracy", "linear_probe_accuracy", "load_labeled_folder", "compare_encoders",
+__all__ = ["embed", "knn_accuracy", "linear_probe_accuracy", "load_labeled_folder", "labeled_split", "compare_encoders",
            "effective_rank", "mean_dice", "segmentation_probe_dice", "finetune_segmentation_dice"]
 
 logger = logging.getLogger(__name__)
@@ -85,6 +85,23 @@ def load_labeled_folder(root: str | os.PathLike, size: int) -> tuple[torch.Tenso
     return torch.stack(images), torch.tensor(labels), classes
 
 
+def labeled_split(
+    data: str | os.PathLike | None, image_size: int, num_train: int = 400, num_test: int = 400, seed: int = 0
+) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], list[str]]:
+    """``((train_x, train_y, test_x, test_y), class names)`` for the frozen-encoder probes: a labelled folder
+    (:func:`load_labeled_folder`) split 50/50 by a permutation seeded with ``seed``, or for ``data`` None the
+    generated shape phantoms (``num_train`` + ``num_test``, generated with ``seed + 1000``). Deterministic; draws
+    from no global random stream."""
+    if data:
+        x, y, classes = load_labeled_folder(data, image_size)
+        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+        half = len(y) // 2
+        return (x[perm[:half]], y[perm[:half]], x[perm[half:]], y[perm[half:]]), classes
+    xs, ys = shape_phantoms(num_train + num_test, size=image_size, seed=seed + 1000)
+    x, y = torch.from_numpy(xs), torch.from_numpy(ys)
+    return (x[:num_train], y[:num_train], x[num_train:], y[num_train:]), list(SHAPE_CLASSES)
+
+
 def compare_encoders(
     weights: str | os.PathLike,
     encoder_name: str = "lvmmed_resnet50",
@@ -104,16 +121,7 @@ def compare_encoders(
     """
     from lvmmed_monai.engines.pretrain import build_encoder, input_normalization
 
-    if data:
-        x, y, classes = load_labeled_folder(data, image_size)
-        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-        half = len(y) // 2
-        xtr, ytr, xte, yte = x[perm[:half]], y[perm[:half]], x[perm[half:]], y[perm[half:]]
-    else:
-        classes = list(SHAPE_CLASSES)
-        xs, ys = shape_phantoms(num_train + num_test, size=image_size, seed=seed + 1000)
-        x, y = torch.from_numpy(xs), torch.from_numpy(ys)
-        xtr, ytr, xte, yte = x[:num_train], y[:num_train], x[num_train:], y[num_train:]
+    (xtr, ytr, xte, yte), classes = labeled_split(data, image_size, num_train, num_test, seed)
     mean, std = input_normalization(encoder_name)
     results: dict[str, dict[str, float]] = {}
     torch.manual_seed(seed)

@@ -222,19 +222,9 @@ class OnlineProbe:
     def holdout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(train_x, train_y, test_x, test_y)``, built on the first call and kept."""
         if self._holdout is None:
-            from lvmmed_monai.data.phantoms import shape_phantoms
-            from lvmmed_monai.evaluation import load_labeled_folder
+            from lvmmed_monai.evaluation import labeled_split
 
-            if self.data:
-                x, y, _ = load_labeled_folder(self.data, self.image_size)
-                perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.seed))
-                half = len(y) // 2
-                self._holdout = (x[perm[:half]], y[perm[:half]], x[perm[half:]], y[perm[half:]])
-            else:
-                xs, ys = shape_phantoms(self.num_train + self.num_test, size=self.image_size, seed=self.seed + 1000)
-                x, y = torch.from_numpy(xs), torch.from_numpy(ys)
-                n = self.num_train
-                self._holdout = (x[:n], y[:n], x[n:], y[n:])
+            self._holdout, _ = labeled_split(self.data, self.image_size, self.num_train, self.num_test, self.seed)
         return self._holdout
 
     def _device(self) -> torch.device:

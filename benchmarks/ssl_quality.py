@@ -251,7 +251,6 @@ def evaluate(state: dict, tasks: dict, args: argparse.Namespace, finetune: bool 
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     from monai.data import set_track_meta
 
     from lvmmed_monai.weights import atomic_open
@@ -275,8 +274,9 @@ def main() -> None:
     torch.manual_seed(args.seed)
     standard = build_encoder(args.encoder, args.image_size)  # torchvision-style init, no --set
     inits = {"random": start_enc.state_dict()}
-    if any(not torch.equal(v, standard.state_dict()[k]) for k, v in inits["random"].items()):
-        inits["random (standard init)"] = standard.state_dict()
+    standard_state = standard.state_dict()
+    if any(not torch.equal(v, standard_state[k]) for k, v in inits["random"].items()):
+        inits["random (standard init)"] = standard_state
     for name, state in inits.items():
         results[name] = evaluate({k: v.clone() for k, v in state.items()}, tasks, args)
         print(f"  {name}: {results[name]}", flush=True)
@@ -293,7 +293,8 @@ def main() -> None:
         results[method] = evaluate(state, tasks, args)
         results[method]["minutes"] = (time.perf_counter() - t0) / 60
         print(f"  {method}: {results[method]}", flush=True)
-    (out / "results.json").write_text(json.dumps({"args": vars(args), "results": results, "logs": logs}, indent=1))
+    with atomic_open(out / "results.json", "w") as fh:
+        json.dump({"args": vars(args), "results": results, "logs": logs}, fh, indent=1)
     cols = [("knn", "region kNN"), ("linear", "region linear"), ("rank", "eff. rank"),
             ("seg_linear", "seg linear Dice"), ("seg_finetune", "seg fine-tune Dice")]
     print(f"\n{'encoder':<22}" + "".join(f"{c:>20}" for _, c in cols))

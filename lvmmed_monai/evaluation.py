@@ -18,10 +18,20 @@ from torch import nn
 
 from lvmmed_monai.data.phantoms import SHAPE_CLASSES, shape_phantoms
 
-__all__ = ["embed", "knn_accuracy", "linear_probe_accuracy", "load_labeled_folder", "labeled_split", "compare_encoders",
-           "effective_rank", "mean_dice", "segmentation_probe_dice", "finetune_segmentation_dice"]
+__all__ = ["encoder_input", "embed", "knn_accuracy", "linear_probe_accuracy", "load_labeled_folder",
+           "labeled_split", "compare_encoders", "effective_rank", "mean_dice", "segmentation_probe_dice",
+           "finetune_segmentation_dice"]
 
 logger = logging.getLogger(__name__)
+
+
+def encoder_input(x: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:
+    """Images in ``[0, 1]`` (1 or 3 channels) -> the encoder's normalised 3-channel input (grey replicated)."""
+    x = x.float()
+    x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    return (x - m) / s
 
 
 @torch.no_grad()
@@ -29,13 +39,9 @@ def embed(encoder: nn.Module, images: torch.Tensor, mean: tuple, std: tuple, bat
           device: str | torch.device = "cpu") -> torch.Tensor:
     """``(N, 1 or 3, H, W)`` images in ``[0, 1]`` -> ``(N, D)`` pooled frozen features (eval mode)."""
     encoder = encoder.eval().to(device)
-    m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=device).view(1, -1, 1, 1)
     out = []
     for chunk in images.split(batch_size):
-        x = chunk.to(device).float()
-        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-        out.append(encoder.feature_map((x - m) / s).mean((2, 3)).float().cpu())
+        out.append(encoder.feature_map(encoder_input(chunk.to(device), mean, std)).mean((2, 3)).float().cpu())
     return torch.cat(out)
 
 
@@ -179,13 +185,10 @@ def segmentation_probe_dice(
     """
     h, w = train_x.shape[-2:]
     grid = (h // stride, w // stride)
-    m = torch.tensor(mean).view(1, -1, 1, 1)
-    s = torch.tensor(std).view(1, -1, 1, 1)
     encoder = encoder.eval()
     with torch.no_grad():
         def hyper(x: torch.Tensor) -> torch.Tensor:
-            x = x.float().expand(-1, 3, -1, -1) if x.shape[1] == 1 else x.float()
-            return torch.cat([_levels(encoder, (c - m) / s, grid) for c in x.split(32)])
+            return torch.cat([_levels(encoder, encoder_input(c, mean, std), grid) for c in x.split(32)])
 
         ftr, fte = hyper(train_x), hyper(test_x)
         mu, sd = ftr.mean((0, 2, 3), keepdim=True), ftr.std((0, 2, 3), keepdim=True).clamp_min(1e-6)
@@ -221,23 +224,17 @@ def finetune_segmentation_dice(
 
     torch.manual_seed(seed)
     net = LVMMedFlexibleUNet(in_channels=3, out_channels=num_classes, weights=encoder_state)
-    m = torch.tensor(mean).view(1, -1, 1, 1)
-    s = torch.tensor(std).view(1, -1, 1, 1)
-
-    def prep(x: torch.Tensor) -> torch.Tensor:
-        return (x.float().expand(-1, 3, -1, -1) - m) / s
-
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     net.train()
     for _ in range(steps):
         idx = torch.randint(len(train_x), (batch_size,), generator=gen)
-        loss = loss_fn(net(prep(train_x[idx])), train_y[idx, None])
+        loss = loss_fn(net(encoder_input(train_x[idx], mean, std)), train_y[idx, None])
         opt.zero_grad()
         loss.backward()
         opt.step()
     net.eval()
     with torch.no_grad():
-        pred = torch.cat([net(prep(c)).argmax(1) for c in test_x.split(16)])
+        pred = torch.cat([net(encoder_input(c, mean, std)).argmax(1) for c in test_x.split(16)])
     return mean_dice(pred, test_y, num_classes)

@@ -10,9 +10,14 @@ setup:
 demo: setup
 	$(VENV)/bin/lvmmed demo --out outputs/demo
 
-pretrain: setup
-	$(PY) -m monai.bundle run --config_file bundles/lvmmed_pretrain/configs/train.yaml
-	$(PY) -m monai.bundle run --config_file bundles/lvmmed_pretrain/configs/evaluate.yaml
+# real MR: Colin27 / INIA19 slices to pretrain on, AAL lobe patches from disjoint slices to probe (docs/ssl.md)
+MR_DATA ?= outputs/mr_data
+pretrain: setup real-data
+	$(VENV)/bin/lvmmed mr-data --out $(MR_DATA)
+	$(PY) -m monai.bundle run --config_file bundles/lvmmed_pretrain/configs/train.yaml \
+		--data $(MR_DATA)/unlabelled --probe_data $(MR_DATA)/regions --image_size 64 --max_epochs 12
+	$(PY) -m monai.bundle run --config_file bundles/lvmmed_pretrain/configs/evaluate.yaml \
+		--data $(MR_DATA)/regions --image_size 64
 
 test: setup
 	$(PY) -m ruff check .

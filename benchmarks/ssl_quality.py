@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -71,60 +72,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--templates", default="/usr/share/mricron/templates")
     p.add_argument("--out", default="outputs/ssl_quality")
     return p.parse_args()
-
-
-def load_tasks(args: argparse.Namespace) -> dict:
-    """Volumes, lobe maps, the disjoint slice split, the two tasks and the unlabelled pretraining slices."""
-    import nibabel as nib
-
-    from lvmmed_monai.data.atlas import (
-        aal_lobe_lookup,
-        disjoint_slice_split,
-        load_volume,
-        normalize_volume,
-        region_patches,
-        segmentation_slices,
-    )
-
-    t = Path(args.templates)
-    image = normalize_volume(load_volume(t / "ch2.nii.gz"))
-    lookup, names = aal_lobe_lookup(t / "aal.nii.txt")
-    classes = lookup[load_volume(t / "aal.nii.gz")]
-    z = np.flatnonzero((classes > 0).any((0, 1)))
-    train_z, test_z = disjoint_slice_split(z, block=10, gap=2)
-    xtr, ytr = region_patches(image, classes, train_z, per_class=args.per_class[0], seed=args.seed)
-    xte, yte = region_patches(image, classes, test_z, per_class=args.per_class[1], seed=args.seed + 1)
-    str_, sytr = segmentation_slices(image, classes, train_z, size=args.image_size)
-    ste, syte = segmentation_slices(image, classes, test_z, size=args.image_size)
-    # unlabelled pretraining slices: the train slices of the three T1 images of Colin27 (ch2better is 0.5 mm:
-    # its slices are taken at the world z of each train slice through the two affines)
-    unlabelled = [image[:, :, train_z], normalize_volume(load_volume(t / "ch2bet.nii.gz"))[:, :, train_z]]
-    better = nib.load(str(t / "ch2better.nii.gz"))
-    ch2 = nib.load(str(t / "ch2.nii.gz"))
-    world_z = ch2.affine[2, 2] * train_z + ch2.affine[2, 3]
-    kz = np.round((world_z - better.affine[2, 3]) / better.affine[2, 2]).astype(int)
-    bvol = normalize_volume(np.asarray(better.dataobj))
-    unlabelled.append(bvol[:, :, kz[(kz >= 0) & (kz < bvol.shape[2])]])
-    if args.unlabelled == "colin+inia19":  # another brain: the INIA19 macaque T1 template, slices along all 3 axes
-        inia = normalize_volume(load_volume(t / "inia19-t1-brain.nii.gz"))
-        unlabelled += [np.moveaxis(inia, axis, 2) for axis in range(3)]
-    return {"names": names, "train_z": train_z, "test_z": test_z, "cls": (xtr, ytr, xte, yte),
-            "seg": (str_, sytr, ste, syte), "unlabelled": unlabelled}
-
-
-def write_pretrain_folder(volumes: list[np.ndarray], folder: Path) -> Path:
-    """The unlabelled non-blank slices as 8-bit PNGs, the form any user collection takes (read by the bundle's
-    data pipeline)."""
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for v, vol in enumerate(volumes):
-        for s in range(vol.shape[2]):
-            arr = np.rot90(vol[:, :, s])  # RAS axial slice, anterior up
-            if np.ptp(arr) < 0.05:  # blank (outside the brain): the bundle's pipeline would skip it with a warning
-                continue
-            Image.fromarray((arr * 255).round().astype(np.uint8)).save(folder / f"vol{v}_{s:03d}.png")
-    return folder
 
 
 def bundle_parser(args: argparse.Namespace, data: Path, out: Path, overrides: dict):
@@ -194,7 +141,7 @@ def pretrain(method: str, args: argparse.Namespace, data: Path, out: Path, probe
             torch.nn.utils.clip_grad_norm_(model.parameters(), float(clip) if clip else float("inf"))
             opt.step()
             sched.step()
-            entry = {"iteration": it, "loss": float(loss), "retrieval": float(stats["retrieval_accuracy"])}
+            entry = {"iteration": it, "loss": float(loss.detach()), "retrieval": float(stats["retrieval_accuracy"])}
             if probe is not None and args.probe_every and it % args.probe_every == 0:
                 entry.update(probe(encoder))
                 print(f"  {method} it {it}: " + " ".join(f"{k} {v:.3f}" for k, v in entry.items()
@@ -258,13 +205,17 @@ def main() -> None:
     set_track_meta(False)
     start = time.perf_counter()
     out = Path(args.out)
-    tasks = load_tasks(args)
-    data = write_pretrain_folder(tasks["unlabelled"], out / "unlabelled")
+    from lvmmed_monai.data.atlas import colin27_tasks, write_slice_pngs
+
+    tasks = colin27_tasks(args.templates, args.image_size, tuple(args.per_class), args.unlabelled, args.seed)
+    data = out / "unlabelled"
+    shutil.rmtree(data, ignore_errors=True)  # no stale slices from a run with other --unlabelled
+    n_unlabelled = write_slice_pngs(tasks["unlabelled"], data)
     xtr, ytr, xte, yte = tasks["cls"]
     print(f"data: {len(tasks['train_z'])} train / {len(tasks['test_z'])} test axial slices (disjoint blocks); "
           f"region classification {len(ytr)} / {len(yte)} patches, 8 lobes (chance 0.125); segmentation "
-          f"{len(tasks['seg'][0])} / {len(tasks['seg'][2])} slices; {sum(v.shape[2] for v in tasks['unlabelled'])} "
-          f"unlabelled pretraining slices; {args.encoder} at {args.image_size} px, {args.iterations} iterations "
+          f"{len(tasks['seg'][0])} / {len(tasks['seg'][2])} slices; {n_unlabelled} unlabelled "
+          f"(non-blank) pretraining slices; {args.encoder} at {args.image_size} px, {args.iterations} iterations "
           f"of batch {args.batch_size}", flush=True)
     from lvmmed_monai.engines import build_encoder
 
@@ -296,7 +247,8 @@ def main() -> None:
     with atomic_open(out / "results.json", "w") as fh:
         json.dump({"args": vars(args), "results": results, "logs": logs}, fh, indent=1)
     cols = [("knn", "region kNN"), ("linear", "region linear"), ("rank", "eff. rank"),
-            ("seg_linear", "seg linear Dice"), ("seg_finetune", "seg fine-tune Dice")]
+            ("seg_linear", "seg linear Dice"),
+            ("seg_finetune", "seg fine-tune Dice")]
     print(f"\n{'encoder':<22}" + "".join(f"{c:>20}" for _, c in cols))
     for name, r in results.items():
         print(f"{name:<22}" + "".join(f"{r.get(k, float('nan')):>20.3f}" for k, _ in cols))

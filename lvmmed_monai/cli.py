@@ -1,8 +1,9 @@
-"""The ``lvmmed`` command: weights (list, inspect, convert, fetch), demo, nnunet-path, info."""
+"""The ``lvmmed`` command: weights (list, inspect, convert, fetch), demo, mr-data, nnunet-path, info."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -146,6 +147,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_mr_data(args: argparse.Namespace) -> int:
+    from lvmmed_monai.data.atlas import prepare_mr_data
+
+    paths = prepare_mr_data(args.out, args.templates, seed=args.seed)
+    counts = json.loads((Path(args.out) / "manifest.json").read_text())["counts"]
+    print(f"{paths['unlabelled']}: {counts['unlabelled']} unlabelled MR slices (pretraining data)")
+    print(f"{paths['regions']}: {counts['region_train']} train / {counts['region_test']} test patches of "
+          f"{len(counts['lobes'])} lobes from disjoint slices (probe_data)")
+    return 0
+
+
 def _cmd_nnunet_path(_: argparse.Namespace) -> int:
     from nnunet_plugin import PLUGIN_DIR
 
@@ -189,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)
+    p = sub.add_parser("mr-data", help="real MR pretraining slices and a lobe probe set from Debian's mricron-data")
+    p.add_argument("--out", default="outputs/mr_data")
+    p.add_argument("--templates", default="/usr/share/mricron/templates")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_mr_data)
     sub.add_parser("info", help="versions and registered encoders").set_defaults(func=_cmd_info)
     sub.add_parser(
         "nnunet-path", help="folder of the nnU-Net trainers: export nnUNet_extTrainer=$(lvmmed nnunet-path)"

@@ -95,9 +95,18 @@ def labeled_split(
     data: str | os.PathLike | None, image_size: int, num_train: int = 400, num_test: int = 400, seed: int = 0
 ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], list[str]]:
     """``((train_x, train_y, test_x, test_y), class names)`` for the frozen-encoder probes: a labelled folder
-    (:func:`load_labeled_folder`) split 50/50 by a permutation seeded with ``seed``, or for ``data`` None the
-    generated shape phantoms (``num_train`` + ``num_test``, generated with ``seed + 1000``). Deterministic; draws
-    from no global random stream."""
+    (:func:`load_labeled_folder`) split 50/50 by a permutation seeded with ``seed``, or, when it holds ``train/``
+    and ``test/`` labelled folders with the same classes, that split as given (for instance patches from
+    disjoint slices, :func:`lvmmed_monai.data.atlas.prepare_mr_data`); for ``data`` None the generated shape
+    phantoms (``num_train`` + ``num_test``, generated with ``seed + 1000``). Deterministic; draws from no global
+    random stream."""
+    if data and (Path(data) / "train").is_dir() and (Path(data) / "test").is_dir():
+        xtr, ytr, classes = load_labeled_folder(Path(data) / "train", image_size)
+        xte, yte, test_classes = load_labeled_folder(Path(data) / "test", image_size)
+        if test_classes != classes:
+            raise ValueError(f"{data}: train/ and test/ must hold the same class folders, got {classes} and "
+                             f"{test_classes}")
+        return (xtr, ytr, xte, yte), classes
     if data:
         x, y, classes = load_labeled_folder(data, image_size)
         perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
@@ -121,8 +130,9 @@ def compare_encoders(
 ) -> dict[str, dict[str, float]]:
     """Print and return kNN and linear-probe accuracy for the encoder in ``weights`` and a random one.
 
-    ``data``: a labeled folder (``root/<class>/*.png``; split 50/50 by a seeded shuffle) or None for the
-    generated shape set (:func:`~lvmmed_monai.data.phantoms.shape_phantoms`, ``num_train`` + ``num_test``).
+    ``data``: a labeled folder (``root/<class>/*.png``, split 50/50 by a seeded shuffle, or ``root/train/<class>``
+    and ``root/test/<class>``, split as given) or None for the generated shape set
+    (:func:`~lvmmed_monai.data.phantoms.shape_phantoms`, ``num_train`` + ``num_test``).
     The random encoder has the same architecture, seeded with ``seed``.
     """
     from lvmmed_monai.engines.pretrain import build_encoder, input_normalization

@@ -150,3 +150,68 @@ def test_segmentation_probe_reaches_dice_one_with_label_features():
     dice = segmentation_probe_dice(_OracleEncoder(onehot), (0.0,) * 3, (1.0,) * 3, images[:4], labels[:4],
                                    images[4:], labels[4:], num_classes=3, steps=150, stride=4)
     assert dice > 0.95
+
+
+
+def _fake_templates(folder) -> None:
+    """mricron-data's files in miniature: a 24 x 28 x 30 'brain' (noise) with a 3-lobe AAL map on the same grid,
+    a brain-extracted copy, a 0.5 mm version with its own affine and an INIA19 stand-in."""
+    import nibabel as nib
+
+    rng = np.random.default_rng(0)
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    affine[:3, 3] = -10
+    brain = rng.random((24, 28, 30)).astype(np.float32)
+    aal = np.zeros((24, 28, 30), dtype=np.int16)
+    aal[2:12, 2:14, 1:29], aal[12:22, 2:14, 1:29], aal[2:22, 14:26, 1:29] = 1, 2, 3
+    better_affine = np.diag([0.5, 0.5, 0.5, 1.0])
+    better_affine[:3, 3] = -10
+    for name, arr, aff in (("ch2", brain, affine), ("ch2bet", brain * 0.5, affine), ("aal", aal, affine),
+                           ("ch2better", rng.random((48, 56, 60)).astype(np.float32), better_affine),
+                           ("inia19-t1-brain", rng.random((20, 22, 18)).astype(np.float32), affine)):
+        nib.save(nib.Nifti1Image(arr, aff), str(folder / f"{name}.nii.gz"))
+    (folder / "aal.nii.txt").write_text("1 Precentral_L 2001\n2 Insula_L 3001\n3 Cuneus_L 5001\n")
+
+
+def test_prepare_mr_data_writes_disjoint_folders_and_reuses_them(tmp_path):
+    from lvmmed_monai.data.atlas import colin27_tasks, prepare_mr_data
+    from lvmmed_monai.evaluation import labeled_split
+
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    _fake_templates(templates)
+    tasks = colin27_tasks(templates, image_size=16, per_class=(6, 4))
+    assert tasks["names"] == ["frontal", "insula", "occipital"]
+    assert not set(tasks["train_z"]) & set(tasks["test_z"])
+    # unlabelled: ch2, ch2bet and ch2better at the train slices only, then INIA19 along its 3 axes
+    shapes = [v.shape for v in tasks["unlabelled"]]
+    n_train = len(tasks["train_z"])
+    assert shapes[:3] == [(24, 28, n_train), (24, 28, n_train), (48, 56, n_train)]
+    assert shapes[3:] == [(22, 18, 20), (20, 18, 22), (20, 22, 18)]
+
+    paths = prepare_mr_data(tmp_path / "mr", templates, per_class=(6, 4))
+    pngs = sorted(paths["unlabelled"].glob("*.png"))
+    assert len(pngs) == 3 * n_train + 18 + 20 + 22  # every slice of noise has range >= 0.05
+    for split, per in (("train", 6), ("test", 4)):
+        folders = sorted(p.name for p in (paths["regions"] / split).iterdir())
+        assert folders == ["frontal", "insula", "occipital"]
+        assert all(len(list((paths["regions"] / split / f).glob("*.png"))) == per for f in folders)
+    assert not (tmp_path / "mr" / ".partial").exists()
+    # a second call with the same settings writes nothing
+    stamp = pngs[0].stat().st_mtime_ns
+    pngs[0].unlink()
+    prepare_mr_data(tmp_path / "mr", templates, per_class=(6, 4))
+    assert not pngs[0].exists()
+    prepare_mr_data(tmp_path / "mr", templates, per_class=(6, 3))  # other settings: rebuilt
+    assert pngs[0].exists() and pngs[0].stat().st_mtime_ns != stamp
+    assert len(list((paths["regions"] / "test" / "insula").glob("*.png"))) == 3
+    # the probes take train/ and test/ as the split, not a shuffle of both
+    (xtr, ytr, xte, yte), classes = labeled_split(paths["regions"], 16)
+    assert classes == ["frontal", "insula", "occipital"]
+    assert ytr.bincount().tolist() == [6, 6, 6] and yte.bincount().tolist() == [3, 3, 3]
+    assert xtr.shape == (18, 1, 16, 16)
+    import shutil
+
+    shutil.copytree(paths["regions"] / "test" / "insula", paths["regions"] / "test" / "deep_grey")
+    with pytest.raises(ValueError, match="same class folders"):
+        labeled_split(paths["regions"], 16)

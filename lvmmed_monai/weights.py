@@ -6,7 +6,8 @@ One home for everything about weight files (DESIGN.md):
   We never ship, download silently or redistribute them (licence: non-commercial, see
   :data:`LICENCE_NOTE`); the user passes a local file, or explicitly a URL or ``hf://repo/file``.
 * :func:`read_checkpoint` loads with ``torch.load(..., weights_only=True)`` and unwraps the usual
-  containers (``state_dict``, ``model``, ``network_weights``, ``encoder``...).
+  containers (``state_dict``, ``model``, ``network_weights``, ``encoder``...); it refuses NaN/Inf tensors
+  (``check_finite``), names what a refused pickle would build, and names the checkpoint inside a folder.
 * :func:`detect_layout` tells torchvision ResNet-50, SAM ViT-B and timm ``samvit`` layouts apart;
   :func:`sam_to_timm` / :func:`timm_to_sam` convert (pure functions, dict in, dict out, as timm's
   ``checkpoint_filter_fn``); :func:`resize_vit_state` resizes ``pos_embed`` and the relative-position
@@ -21,6 +22,7 @@ import contextlib
 import hashlib
 import os
 import pickle
+import re
 import tempfile
 import urllib.parse
 import urllib.request
@@ -44,7 +46,9 @@ __all__ = [
     "LoadReport",
     "CheckpointError",
     "CheckpointMismatchError",
+    "CHECKPOINT_SUFFIXES",
     "read_checkpoint",
+    "nonfinite_tensors",
     "strip_prefixes",
     "detect_layout",
     "sam_to_timm",
@@ -173,13 +177,97 @@ class CheckpointMismatchError(CheckpointError):
         super().__init__(msg + (f"\nhint: {hint}" if hint else ""))
 
 
-def read_checkpoint(source: str | os.PathLike | Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".torch", ".ckpt", ".bin", ".tar", ".model")
+
+
+def _folder_error(path: Path) -> IsADirectoryError:
+    """A folder passed where a weights file belongs: name the checkpoint inside it when there is exactly one."""
+    found = sorted(p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(CHECKPOINT_SUFFIXES))
+    if len(found) == 1:
+        hint = f"it holds one checkpoint: pass {found[0]}"
+    elif found:
+        hint = f"it holds {len(found)} checkpoints ({', '.join(p.name for p in found[:5])}): pass the one you mean"
+    else:
+        hint = f"it holds no checkpoint file ({', '.join(CHECKPOINT_SUFFIXES)}): pass the path of the file itself"
+    return IsADirectoryError(f"weights {path} is a folder, not a checkpoint file; {hint}.")
+
+
+def _pickled_globals(path: Path) -> list[str] | None:
+    """The Python objects (``module.name``) a pickle would build, read from its opcodes without running it.
+
+    ``None`` when the file does not parse as a pickle (truncated, corrupt). Reads ``data.pkl`` inside a
+    ``torch.save`` zip archive, else the file itself; ``STACK_GLOBAL`` names come from the strings pushed or
+    recalled from the memo just before it.
+    """
+    import pickletools
+
+    try:
+        with contextlib.ExitStack() as stack:
+            if zipfile.is_zipfile(path):
+                zf = stack.enter_context(zipfile.ZipFile(path))
+                inner = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
+                if inner is None:
+                    return None
+                fh = stack.enter_context(zf.open(inner))
+            else:
+                fh = stack.enter_context(open(path, "rb"))
+            return _globals_in(pickletools.genops(fh))
+    except Exception:  # anything the opcode parser cannot read: not a (complete) pickle
+        return None
+
+
+def _globals_in(ops: Iterator[tuple[Any, Any, Any]]) -> list[str]:
+    """``module.name`` of every object a stream of pickle opcodes (``pickletools.genops``) would build."""
+    names: list[str] = []
+    strings: list[Any] = []
+    memo: dict[int, Any] = {}
+    for op, arg, _ in ops:
+        if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE"):
+            strings.append(arg)
+        elif op.name == "MEMOIZE":
+            memo[len(memo)] = strings[-1] if strings else None
+        elif op.name in ("BINGET", "LONG_BINGET", "GET"):
+            strings.append(memo.get(int(arg)))
+        elif op.name in ("GLOBAL", "INST"):
+            names.append(str(arg).replace(" ", "."))
+        elif op.name == "STACK_GLOBAL":
+            module, name = strings[-2:] if len(strings) >= 2 else (None, None)
+            names.append(f"{module}.{name}" if module and name else "<object>")
+    return names
+
+
+def _unpickling_error(path: Path, err: Exception) -> CheckpointError:
+    """Why ``torch.load(weights_only=True)`` refused ``path``: Python objects it will not build, or a broken file."""
+    blocked = re.findall(r"GLOBAL ([\w.]+)", str(err))  # torch names the object it refused, when it got that far
+    names = blocked or _pickled_globals(path)
+    if not names:
+        return CheckpointError(f"could not read {path}: truncated or corrupt file ({err!s:.200}). Download or "
+                               "export it again.")
+    shown = "it would build " + ", ".join(list(dict.fromkeys(names))[:5])
+    return CheckpointError(
+        f"refused to load {path}: the file holds pickled Python objects, not only tensors ({shown}); safe loading "
+        "(torch.load(weights_only=True)) refuses them because unpickling them could run code. If you trust the "
+        "file's source, convert it once: `sd = torch.load(path, weights_only=False)`, then save the state dict of "
+        "tensors alone with `torch.save(sd, new_path)` and pass new_path."
+    )
+
+
+def nonfinite_tensors(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Keys of the floating-point tensors of ``state`` that hold NaN or Inf values."""
+    return [k for k, v in state.items()
+            if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all())]
+
+
+def read_checkpoint(
+    source: str | os.PathLike | Mapping[str, Any], *, check_finite: bool = True
+) -> tuple[dict[str, torch.Tensor], dict]:
     """Read a checkpoint safely and return ``(state_dict, extra)``.
 
     ``torch.load(weights_only=True)`` refuses pickles that would construct arbitrary objects (and so run
     code). Containers are unwrapped: ``{"state_dict": ...}``, ``{"model": ...}``, nnU-Net's
     ``{"network_weights": ...}``, our pretraining checkpoints' ``{"encoder": ...}``; ``extra`` holds the
-    remaining top-level entries (e.g. our ``lvmmed_meta``).
+    remaining top-level entries (e.g. our ``lvmmed_meta``). With ``check_finite`` (the default) a tensor
+    holding NaN or Inf raises :class:`CheckpointError` naming it (a damaged file or a diverged run).
     """
     if isinstance(source, Mapping):
         obj: Any = source
@@ -187,18 +275,14 @@ def read_checkpoint(source: str | os.PathLike | Mapping[str, Any]) -> tuple[dict
     else:
         path = Path(source)
         name = str(path)
+        if path.is_dir():
+            raise _folder_error(path)
         if not path.is_file():
             raise FileNotFoundError(f"weights file not found: {path}. Pass the path of a local checkpoint file.")
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:
-            blocked = next((ln.strip() for ln in str(err).splitlines() if "GLOBAL" in ln), None)
-            if blocked is None:
-                raise CheckpointError(f"could not read {name}: truncated or corrupt file ({err!s:.200}).") from err
-            raise CheckpointError(
-                f"refused to load {name}: it is not a plain tensor checkpoint ({blocked}); unpickling it could "
-                "run code. If you trust the file, re-save just the weights: torch.save(model.state_dict(), path)."
-            ) from err
+            raise _unpickling_error(path, err) from err
         except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
             raise CheckpointError(f"could not read {name}: truncated or corrupt file ({err}).") from err
     extra: dict = {}
@@ -206,6 +290,14 @@ def read_checkpoint(source: str | os.PathLike | Mapping[str, Any]) -> tuple[dict
         if not isinstance(obj, Mapping):
             raise CheckpointError(f"{name} holds a {type(obj).__name__}, not a state dict.")
         if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            bad = nonfinite_tensors(obj) if check_finite else []
+            if bad:
+                shown = ", ".join(bad[:8]) + (f", ... ({len(bad) - 8} more)" if len(bad) > 8 else "")
+                raise CheckpointError(
+                    f"{name}: {len(bad)} of {len(obj)} tensors hold NaN or Inf values ({shown}); the file is "
+                    "damaged or comes from a training run that diverged. Use a checkpoint saved before the "
+                    "divergence, or pass check_finite=False to load it anyway (e.g. to inspect it)."
+                )
             return dict(obj), extra
         inner = next((k for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
         if inner is None:
@@ -330,6 +422,7 @@ def load_weights(
     *,
     strict: bool = True,
     prefix: str | None = None,
+    check_finite: bool = True,
 ) -> LoadReport:
     """Load a checkpoint into an LVM-Med encoder and report what happened.
 
@@ -338,11 +431,12 @@ def load_weights(
     its first convolution adapted to the model's input channels and ViT position tables resized. In
     strict mode any missing/unexpected key or shape mismatch raises :class:`CheckpointMismatchError`
     before the model is touched; otherwise the matching tensors are loaded and the report returned.
+    ``check_finite`` (default) refuses tensors holding NaN or Inf (see :func:`read_checkpoint`).
     """
     expected = getattr(model, "weights_layout", None)
     if expected is None:
         raise TypeError(f"{type(model).__name__} has no `weights_layout`; use an lvmmed_monai encoder.")
-    state, extra = read_checkpoint(source)
+    state, extra = read_checkpoint(source, check_finite=check_finite)
     state, ignored = strip_prefixes(state, [prefix] if prefix else [])
     report = LoadReport(expected_layout=expected, detected_layout=detect_layout(state), ignored=ignored)
     meta = extra.get(PRETRAIN_META_KEY)
@@ -393,10 +487,11 @@ class LoadsWeights:
 
     load_report: LoadReport | None = None
 
-    def load_weights(self, weights: str | os.PathLike | Mapping[str, Any], strict: bool = True) -> LoadReport:
+    def load_weights(self, weights: str | os.PathLike | Mapping[str, Any], strict: bool = True,
+                     check_finite: bool = True) -> LoadReport:
         """Load a checkpoint in any accepted layout/wrapper (see :func:`load_weights`)."""
         source = weights if isinstance(weights, Mapping) else resolve_weights(weights)
-        self.load_report = load_weights(self, source, strict=strict)
+        self.load_report = load_weights(self, source, strict=strict, check_finite=check_finite)
         return self.load_report
 
 
@@ -468,6 +563,8 @@ def resolve_weights(
             download(text, path, sha256=sha256)
     else:
         path = Path(text).expanduser()
+        if path.is_dir():
+            raise _folder_error(path)
         if not path.is_file():
             raise FileNotFoundError(
                 f"weights file not found: {path}. LVM-Med weights are not shipped; see "

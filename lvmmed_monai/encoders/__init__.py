@@ -35,8 +35,9 @@ def load_encoder(
 
     ``weights`` is a local file, an explicit URL or ``hf://<repo>/<file>``, or a state dict, in any
     layout :mod:`lvmmed_monai.weights` knows. Loading is strict by default (``strict=False`` loads what
-    fits); the report is in ``encoder.load_report``. Extra ``kwargs`` go to the encoder class (e.g.
-    ``img_size`` for the ViT).
+    fits); the report is in ``encoder.load_report``. A checkpoint whose tensors hold NaN or Inf is refused
+    (``check_finite=False`` loads it anyway). Extra ``kwargs`` go to the encoder class (e.g. ``img_size``
+    for the ViT).
     """
     if name not in ENCODERS:
         raise ValueError(f"unknown encoder {name!r}; valid names: {sorted(ENCODERS)}")

@@ -39,6 +39,7 @@ class LVMMedResNet50(ResNetFeatures, BaseEncoder, LoadsWeights):
             residual block starts as the identity (torchvision's ``resnet50(zero_init_residual=True)``, Goyal et
             al. 2017; MoCo v3 pretrains so). MONAI's ``ResNetFeatures`` has no such option. Ignored when
             ``weights`` are loaded.
+        check_finite: refuse a checkpoint whose tensors hold NaN or Inf (False loads it anyway).
     """
 
     weights_layout = "torchvision_resnet50"
@@ -54,6 +55,7 @@ class LVMMedResNet50(ResNetFeatures, BaseEncoder, LoadsWeights):
         pretrained: bool = False,
         strict: bool = True,
         zero_init_residual: bool = False,
+        check_finite: bool = True,
     ) -> None:
         if spatial_dims != 2:
             raise ValueError(
@@ -69,7 +71,7 @@ class LVMMedResNet50(ResNetFeatures, BaseEncoder, LoadsWeights):
                 for block in layer:
                     torch.nn.init.zeros_(block.bn3.weight)
         if weights is not None:
-            self.load_weights(weights, strict=strict)
+            self.load_weights(weights, strict=strict, check_finite=check_finite)
         elif pretrained:
             raise ValueError(
                 "pretrained=True needs a weights file: LVM-Med weights are never downloaded implicitly. Build "

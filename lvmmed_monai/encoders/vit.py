@@ -33,6 +33,8 @@ class LVMMedViTB(VisionTransformerSAM, LoadsWeights):
     ``out_indices`` for UNETR-style decoders. Inputs: RGB normalised with :data:`SAM_PIXEL_MEAN` /
     :data:`SAM_PIXEL_STD` (on a 0..255 scale); ``in_channels=1`` sums the patch-embedding kernels over RGB.
     ``torch.jit.script`` compiles it (``forward``, :meth:`intermediates`, :meth:`feature_map`).
+    ``strict`` and ``check_finite`` (refuse NaN/Inf tensors) apply to ``weights`` as in
+    :func:`~lvmmed_monai.weights.load_weights`.
     """
 
     weights_layout = "timm_samvit_b"
@@ -48,6 +50,7 @@ class LVMMedViTB(VisionTransformerSAM, LoadsWeights):
         out_indices: Sequence[int] = (2, 5, 8, 11),
         drop_path_rate: float = 0.0,
         strict: bool = True,
+        check_finite: bool = True,
     ) -> None:
         if img_size % 16 or img_size < 16:
             raise ValueError(f"img_size must be a positive multiple of the patch size 16, got {img_size}")
@@ -73,7 +76,7 @@ class LVMMedViTB(VisionTransformerSAM, LoadsWeights):
         self.out_indices = tuple(out_indices)
         self.load_report: LoadReport | None = None
         if weights is not None:
-            self.load_weights(weights, strict=strict)
+            self.load_weights(weights, strict=strict, check_finite=check_finite)
 
 
     def _check(self, x: torch.Tensor) -> None:

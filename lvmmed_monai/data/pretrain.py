@@ -37,6 +37,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "VOLUME_EXTENSIONS",
     "collect_files",
+    "image_value_problem",
     "load_normalized",
     "prepare_slices",
     "LoadSliced",
@@ -126,6 +127,30 @@ def collect_files(data: str | os.PathLike | Sequence[str | os.PathLike | Mapping
     return items
 
 
+def image_value_problem(image: np.ndarray | torch.Tensor, allow_some_nonfinite: bool = False) -> str | None:
+    """Why an image's values make it unusable, or None: empty, no finite value (all NaN/Inf), some NaN/Inf values
+    (unless ``allow_some_nonfinite``), or constant. The one check behind every workflow's refusal (pretraining
+    slices, the bundles' :class:`~lvmmed_monai.data.segmentation.CheckedLoadImaged`); callers add the file and fix.
+    """
+    arr = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if arr.size == 0:
+        return f"empty image (shape {tuple(arr.shape)})"
+    if np.issubdtype(arr.dtype, np.inexact):
+        finite = np.isfinite(arr)
+        bad = arr.size - int(np.count_nonzero(finite))
+        if bad == arr.size:
+            return "no finite value (all NaN/Inf)"
+        if bad and not allow_some_nonfinite:
+            return f"{bad} of {arr.size} values are NaN/Inf"
+        values = arr[finite] if bad else arr
+    else:
+        values = arr
+    lo, hi = values.min(), values.max()
+    if not hi > lo:
+        return f"constant image (every value is {float(lo):g})"
+    return None
+
+
 def load_normalized(
     path: str | os.PathLike, kind: str, axis: int = 2, percentiles: tuple[float, float] = (0.5, 99.5)
 ) -> np.ndarray:
@@ -156,16 +181,14 @@ def load_normalized(
     else:
         raise PretrainDataError(f"{path}: {arr.ndim}D data of shape {arr.shape}; LVM-Med pretrains on 2D slices "
                                 "of 3D volumes: split it into 3D volumes (one per time point or channel) first")
+    problem = image_value_problem(arr, allow_some_nonfinite=True)
+    if problem is not None:
+        raise PretrainDataError(f"{path}: {problem}; it holds nothing to learn, remove the file")
     finite = np.isfinite(arr)
-    if not finite.any():
-        raise PretrainDataError(f"{path}: no finite value (all NaN/Inf); remove the file")
     values = arr[finite]
     lo, hi = np.percentile(values, percentiles)
     if not hi > lo:
         lo, hi = float(values.min()), float(values.max())
-    if not hi > lo:
-        raise PretrainDataError(f"{path}: constant image (every value is {lo:g}); it holds nothing to learn, "
-                                "remove the file")
     out = np.clip((np.where(finite, arr, lo) - lo) / (hi - lo), 0.0, 1.0)
     return out.astype(np.float32)
 

@@ -25,7 +25,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import LoadImage, LoadImaged, MapTransform, Randomizable, RandSpatialCropSamplesd, SqueezeDimd
 
-from lvmmed_monai.data.pretrain import IMAGE_EXTENSIONS, PretrainDataError, _kind, collect_files
+from lvmmed_monai.data.pretrain import IMAGE_EXTENSIONS, PretrainDataError, _kind, collect_files, image_value_problem
 from lvmmed_monai.data.synthetic import phantom_batch
 from lvmmed_monai.data.volume_phantoms import SEGMENTATION_CLASSES, write_phantom_volumes
 from lvmmed_monai.data.volumes import (
@@ -198,18 +198,32 @@ def input_stats(encoder_name: str, in_channels: int) -> tuple[list[float], list[
 
 
 class CheckedLoadImaged(LoadImaged):
-    """MONAI's ``LoadImaged``; a file that cannot be read (truncated, corrupt) raises
-    :class:`VolumeDataError` naming it instead of the reader's bare error."""
+    """MONAI's ``LoadImaged``; a file that cannot be read (truncated, corrupt) raises :class:`VolumeDataError`
+    naming it instead of the reader's bare error, and so does an image of ``check_values`` keys (default
+    ``image``; not labels, where all-background is valid) that holds NaN/Inf values or is constant
+    (:func:`~lvmmed_monai.data.pretrain.image_value_problem`): a network would output garbage for it silently."""
+
+    def __init__(self, keys: KeysCollection, *args: Any, check_values: KeysCollection | None = "image",
+                 **kwargs: Any) -> None:
+        super().__init__(keys, *args, **kwargs)
+        self.check_values = [] if check_values is None else \
+            [check_values] if isinstance(check_values, (str, int)) else list(check_values)
 
     def __call__(self, data: Mapping[Hashable, Any], reader: Any = None) -> dict[Hashable, Any]:
         try:
-            return super().__call__(data, reader)
+            out = super().__call__(data, reader)
         except VolumeDataError:
             raise
         except Exception as err:
             files = [str(data[k]) for k in self.key_iterator(dict(data))]
             raise VolumeDataError(f"{', '.join(files)}: unreadable ({type(err).__name__}: {str(err)[:200]}); remove "
                                   "or re-export the file") from err
+        for key in self.check_values:
+            problem = image_value_problem(out[key]) if key in out else None
+            if problem is not None:
+                raise VolumeDataError(f"{data[key]}: {problem}; a network would predict from nothing. Remove it from "
+                                      "the data, or repair its values (NaN/Inf voxels: numpy.nan_to_num)")
+        return out
 
 
 class MatchChannelsd(MapTransform):

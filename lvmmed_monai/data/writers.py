@@ -54,7 +54,19 @@ class AtomicWriteMixin:
 
 
 class AtomicNibabelWriter(AtomicWriteMixin, NibabelWriter):
-    """MONAI's ``NibabelWriter`` (same data, affine and options) writing through a temporary file + rename."""
+    """MONAI's ``NibabelWriter`` (same data, affine and options) writing through a temporary file + rename.
+
+    One difference: ``squeeze_end_dims`` drops a singleton channel only, so the file keeps the input's spatial
+    shape. MONAI's writer also drops trailing singleton spatial axes (a ``(1, 4000, 1)`` volume's label map came
+    back ``(1, 4000)``) and pads 2D data to 3D before that."""
+
+    def set_data_array(self, data_array: Any, channel_dim: int | None = 0, squeeze_end_dims: bool = True,
+                       **kwargs: Any) -> None:
+        """``data_array`` channel-first (``channel_dim``) -> channel-last, spatial axes as given."""
+        if not squeeze_end_dims or channel_dim is None or "spatial_ndim" in kwargs:
+            return super().set_data_array(data_array, channel_dim, squeeze_end_dims, **kwargs)
+        data = self.convert_to_channel_last(data_array, channel_dim, squeeze_end_dims=False, spatial_ndim=None)
+        self.data_obj = data[..., 0] if data.shape[-1] == 1 and data.ndim > 2 else data
 
 
 class AtomicPILWriter(AtomicWriteMixin, PILWriter):

@@ -138,7 +138,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 def _cmd_fetch(args: argparse.Namespace) -> int:
     print(W.LICENCE_NOTE)
-    print(W.resolve_weights(args.source, sha256=args.sha256, cache_dir=args.cache_dir))
+    print(W.resolve_weights(args.source, sha256=args.sha256, cache_dir=args.cache_dir,
+                              timeout=args.timeout))
     return 0
 
 
@@ -195,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source")
     p.add_argument("--sha256")
     p.add_argument("--cache-dir")
+    p.add_argument("--timeout", type=float, default=30.0,
+                   help="seconds to wait for the server (connecting, then each read) before giving up")
     p.set_defaults(func=_cmd_fetch)
     p = sub.add_parser("demo", help="load both encoders from generated official-layout files and run them")
     p.add_argument("--out", default="outputs/demo")
@@ -217,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (W.CheckpointError, FileNotFoundError, ValueError) as err:
+    except (W.CheckpointError, OSError, ValueError) as err:  # OSError: missing file, folder, download
         print(f"lvmmed: error: {err}", file=sys.stderr)
         return 2
 

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import os
 import pickle
 import re
 import tempfile
+import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
@@ -46,6 +48,7 @@ __all__ = [
     "LoadReport",
     "CheckpointError",
     "CheckpointMismatchError",
+    "DownloadError",
     "CHECKPOINT_SUFFIXES",
     "read_checkpoint",
     "nonfinite_tensors",
@@ -526,26 +529,46 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+class DownloadError(OSError):
+    """A download that failed (no network, refused, HTTP error, timeout, missing ``file://`` path); nothing
+    was written."""
+
+
 def download(url: str, dest: str | os.PathLike, sha256: str | None = None, timeout: float = 60.0) -> Path:
-    """Download ``url`` (http, https or file) to ``dest`` atomically, checking ``sha256`` when given."""
+    """Download ``url`` (http, https or file) to ``dest`` atomically, checking ``sha256`` when given.
+
+    ``timeout`` bounds every wait (connecting, then each read) in seconds, so an unreachable host fails
+    instead of hanging. Failures raise :class:`DownloadError` (or :class:`CheckpointError` for a wrong
+    sha256) and leave no file, complete or partial, at ``dest``."""
     dest, digest = Path(dest), hashlib.sha256()
-    with atomic_open(dest, suffix=".part") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
-        for block in iter(lambda: resp.read(1 << 20), b""):
-            out.write(block)
-            digest.update(block)
-        if sha256 is not None and digest.hexdigest() != sha256.lower():
-            raise CheckpointError(f"sha256 of {url} is {digest.hexdigest()}, expected {sha256}; file discarded.")
+    try:
+        with atomic_open(dest, suffix=".part") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+            for block in iter(lambda: resp.read(1 << 20), b""):
+                out.write(block)
+                digest.update(block)
+            if sha256 is not None and digest.hexdigest() != sha256.lower():
+                raise CheckpointError(f"sha256 of {url} is {digest.hexdigest()}, expected {sha256}; file discarded. "
+                                      "Check the URL and the --sha256 value (sha256sum of the file you expect).")
+    except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as err:
+        reason = getattr(err, "reason", None) or err
+        if isinstance(reason, TimeoutError) or "timed out" in str(reason):
+            reason = f"no answer within {timeout:g} s (timeout)"
+        raise DownloadError(f"could not download {url}: {reason}; nothing was written to {dest}. Check the URL "
+                            "and the network (or proxy), or download the file yourself and pass its local path."
+                            ) from err
     return dest
 
 
 def resolve_weights(
-    source: str | os.PathLike, *, sha256: str | None = None, cache_dir: str | os.PathLike | None = None
+    source: str | os.PathLike, *, sha256: str | None = None, cache_dir: str | os.PathLike | None = None,
+    timeout: float = 60.0,
 ) -> Path:
     """Turn ``source`` into a local file: a path, an explicit URL, or ``hf://<repo_id>/<filename>``.
 
     URLs are downloaded (atomically) into ``cache_dir`` (default ``$LVMMED_CACHE`` or
     ``~/.cache/lvmmed``) unless already there; ``hf://`` goes through ``huggingface_hub`` (its cache,
-    ``HF_HUB_OFFLINE``). The file's sha256 is checked when given. Nothing is downloaded implicitly.
+    ``HF_HUB_OFFLINE``). The file's sha256 is checked when given. Nothing is downloaded implicitly; a
+    download waits at most ``timeout`` seconds for each answer (:func:`download`).
     """
     text = os.fspath(source)
     if text.startswith("hf://"):
@@ -560,7 +583,7 @@ def resolve_weights(
         root = Path(cache_dir or os.environ.get("LVMMED_CACHE", Path.home() / ".cache" / "lvmmed"))
         path = root / (Path(urllib.parse.urlparse(text).path).name or "weights.pth")
         if not path.is_file():
-            download(text, path, sha256=sha256)
+            download(text, path, sha256=sha256, timeout=timeout)
     else:
         path = Path(text).expanduser()
         if path.is_dir():
@@ -571,7 +594,8 @@ def resolve_weights(
                 "`lvmmed weights list` for where to obtain them, then pass the local path."
             )
     if sha256 is not None and _sha256(path) != sha256.lower():
-        raise CheckpointError(f"sha256 of {path} is {_sha256(path)}, expected {sha256}.")
+        raise CheckpointError(f"sha256 of {path} is {_sha256(path)}, expected {sha256}: not the file expected. "
+                              "Check the --sha256 value, or delete the file and obtain it again.")
     return path
 
 

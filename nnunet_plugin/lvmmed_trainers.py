@@ -23,15 +23,18 @@ from torch import nn
 from lvmmed_monai.networks.ds_unet import LVMMedDeepSupervisionUNet, deep_supervision_scales
 from lvmmed_monai.networks.vit_unetr import LVMMedViTUNETR
 from lvmmed_monai.optim import WarmupPolyLR, encoder_decoder_param_groups
-from lvmmed_monai.weights import resolve_weights
+from lvmmed_monai.weights import CheckpointError, detect_layout, read_checkpoint, resolve_weights, strip_prefixes
 
 WEIGHTS_ENV = "LVMMED_WEIGHTS"
+# the checkpoint layouts each trainer family loads (its encoder's own, or one load_weights converts)
+_TRAINER_LAYOUTS = {"LVMMedTrainer": ("torchvision_resnet50",), "LVMMedViTTrainer": ("sam_vit_b", "timm_samvit_b")}
 
 
 class LVMMedTrainer(nnUNetTrainer):
     """nnU-Net 2d training of the LVM-Med ResNet-50 U-Net (weights from ``$LVMMED_WEIGHTS``)."""
 
     pretrained = True
+    weights_layouts: tuple[str, ...] = _TRAINER_LAYOUTS["LVMMedTrainer"]
     freeze_encoder_epochs = 0  # > 0: train the decoder only for that many epochs, then unfreeze
     encoder_lr_scale = 0.1
     warmup_fraction = 0.05
@@ -42,14 +45,27 @@ class LVMMedTrainer(nnUNetTrainer):
         self.initial_lr = 1e-3
         self.weights_path = self._weights_from_env() if self.pretrained else None
 
-    def _weights_from_env(self) -> str:
+    @classmethod
+    def _weights_from_env(cls) -> str:
+        """The checkpoint in ``$LVMMED_WEIGHTS``, checked (exists, readable, one of :attr:`weights_layouts`)
+        when the trainer is created, before nnU-Net writes anything."""
         value = os.environ.get(WEIGHTS_ENV)
         if not value:
             raise RuntimeError(
-                f"{type(self).__name__} needs pretrained LVM-Med weights: set {WEIGHTS_ENV}=/path/to/checkpoint "
+                f"{cls.__name__} needs pretrained LVM-Med weights: set {WEIGHTS_ENV}=/path/to/checkpoint "
                 "(see `lvmmed weights list`), or train from random init explicitly with a `_scratch` trainer."
             )
-        return str(resolve_weights(value))
+        path = resolve_weights(value)
+        layout = detect_layout(strip_prefixes(read_checkpoint(path)[0])[0])
+        if layout not in cls.weights_layouts:
+            other = next((t for t, layouts in _TRAINER_LAYOUTS.items() if layout in layouts), None)
+            raise CheckpointError(
+                f"{WEIGHTS_ENV}={path} holds {layout or 'unknown-layout'} weights; {cls.__name__} takes "
+                f"{' or '.join(cls.weights_layouts)} (`lvmmed weights inspect {path}` shows what it holds): "
+                + (f"use -tr {other} for these weights, or " if other else "")
+                + f"point {WEIGHTS_ENV} at the matching checkpoint (`lvmmed weights list`)."
+            )
+        return str(path)
 
     @staticmethod
     def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
@@ -163,6 +179,8 @@ class LVMMedViTTrainer(LVMMedTrainer):
     downsamples targets nor wraps the loss). ``img_size`` is the plan's patch size rounded up to 16; the
     network pads other inputs to a multiple of 16 and crops the logits back.
     """
+
+    weights_layouts = _TRAINER_LAYOUTS["LVMMedViTTrainer"]
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")) -> None:

@@ -43,7 +43,9 @@ class GlobalBatchSampler(DistributedSampler):
     ``num_replicas`` contiguous parts of each. A 1-process run with batch ``B`` therefore sees exactly the
     concatenation of what ``W`` processes with batch ``B / W`` see. It subclasses ``DistributedSampler`` so
     that MONAI engines call :meth:`set_epoch` at each epoch start; :meth:`set_start_batch` skips batches
-    already trained when a run resumes mid-epoch.
+    already trained when a run resumes mid-epoch. ``global_batch_size`` must be a multiple of ``graph_size *
+    num_replicas`` (graphs are consecutive ``graph_size`` samples of a process's batch), checked here, before
+    a run starts.
     """
 
     def __init__(
@@ -56,6 +58,7 @@ class GlobalBatchSampler(DistributedSampler):
         seed: int = 0,
         weights: Sequence[float] | None = None,
         num_samples: int | None = None,
+        graph_size: int = 1,
     ) -> None:
         if num_replicas is None or rank is None:
             dist = torch.distributed
@@ -65,9 +68,14 @@ class GlobalBatchSampler(DistributedSampler):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
         size = len(dataset)  # type: ignore[arg-type]
         self.epoch_items = int(num_samples if num_samples is not None else size)
-        if global_batch_size < 1 or global_batch_size % num_replicas:
-            raise ValueError(f"global batch size {global_batch_size} must be a positive multiple of the number "
-                             f"of processes {num_replicas}")
+        step = int(graph_size) * num_replicas  # every process's batch is whole graphs
+        if not isinstance(global_batch_size, int) or isinstance(global_batch_size, bool):
+            raise TypeError(f"batch_size must be an integer, got {global_batch_size!r}: pass e.g. --batch_size "
+                            f"{max(step, 32) // step * step}")
+        if global_batch_size < 1 or global_batch_size % step:
+            raise ValueError(f"batch_size {global_batch_size} must be a positive multiple of graph_size {graph_size}"
+                             f" x {num_replicas} process(es) = {step} (each process's batch is whole graphs): set "
+                             f"--batch_size {max(step, global_batch_size // step * step)} or a graph_size dividing it")
         if self.epoch_items < global_batch_size:
             raise ValueError(f"an epoch holds {self.epoch_items} samples, fewer than one global batch of "
                              f"{global_batch_size}: add data, lower the batch size or raise num_samples")

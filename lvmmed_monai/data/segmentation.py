@@ -33,9 +33,9 @@ from lvmmed_monai.data.volumes import (
     VolumeDataError,
     _is_empty,
     _stem,
+    check_2d_or_3d,
     segmentation_datalist,
     split_train_val,
-    volume_shape,
 )
 from lvmmed_monai.data.writers import write_folder_once
 
@@ -149,7 +149,7 @@ def _spatial_dims(item: Mapping[str, str]) -> int:
         if not sitk.ImageSeriesReader.GetGDCMSeriesFileNames(item["path"]):
             raise VolumeDataError(f"{item['path']}: no readable DICOM series in the folder")
         return 3
-    return len(volume_shape(item["path"]))
+    return len(check_2d_or_3d(item["path"]))
 
 
 def inference_datalist(data: Data, default_dir: str | os.PathLike, output_ext: str = ".nii.gz",
@@ -158,8 +158,8 @@ def inference_datalist(data: Data, default_dir: str | os.PathLike, output_ext: s
     """``[{"image": path}]`` to segment: a file, a folder (searched recursively: 2D images, volumes, and DICOM
     series, one folder of ``.dcm`` files each) or a list of paths; null = the generated phantoms of
     ``default_data`` (the images of the training config's default data). Checks before anything is written:
-    every file readable from its header; ``output_ext`` one of .nii.gz, .nii, .png (PNG for 2D inputs only);
-    no two inputs with the same output name."""
+    every file readable from its header and a single-channel 2D image or 3D volume; ``output_ext`` one of
+    .nii.gz, .nii, .png (PNG for 2D inputs only); no two inputs with the same output name."""
     if output_ext not in _OUTPUT_EXTENSIONS:
         raise ValueError(f"output_ext must be one of {list(_OUTPUT_EXTENSIONS)}, got {output_ext!r}")
     if _is_empty(data):

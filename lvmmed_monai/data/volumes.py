@@ -23,8 +23,8 @@ from monai.utils import convert_to_tensor
 from lvmmed_monai.data.pretrain import IMAGE_EXTENSIONS, VOLUME_EXTENSIONS
 from lvmmed_monai.data.volume_phantoms import CLASSIFICATION_CLASSES, write_phantom_volumes
 
-__all__ = ["VolumeDataError", "VOLUME_EXTENSIONS", "find_volumes", "volume_shape", "volume_datalist",
-           "segmentation_datalist", "classification_datalist", "split_train_val", "volume_data",
+__all__ = ["VolumeDataError", "VOLUME_EXTENSIONS", "find_volumes", "volume_shape", "check_2d_or_3d",
+           "volume_datalist", "segmentation_datalist", "classification_datalist", "split_train_val", "volume_data",
            "segmentation_data", "classification_data", "slice_first_indices", "PadDepthCollate"]
 
 Data = str | os.PathLike | Sequence[str | os.PathLike | Mapping[str, Any]] | None
@@ -83,10 +83,27 @@ def volume_shape(path: str | os.PathLike) -> tuple[int, ...]:
             reader.ReadImageInformation()
             shape = tuple(int(s) for s in reader.GetSize())
     except Exception as err:  # any reader failure: name the file, not the reader's internals
+        bands = _image_bands(path)
+        if bands == 2:  # SimpleITK has no 2-component pixel type: the file is fine, its channels are not
+            raise VolumeDataError(f"{path}: a 2-channel image (grey + alpha); expected grey or RGB: drop the alpha "
+                                  "channel, e.g. PIL.Image.open(path).convert('L').save(path)") from err
         raise VolumeDataError(f"{path}: unreadable ({type(err).__name__}: {str(err)[:160]})") from err
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
     return shape
+
+
+def _image_bands(path: Path) -> int | None:
+    """Channels of a 2D image file as PIL reads them (its header only), or None when PIL cannot open it."""
+    if not path.name.lower().endswith(IMAGE_EXTENSIONS):
+        return None
+    try:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            return len(image.getbands())
+    except Exception:
+        return None
 
 
 def _check_3d(path: str | os.PathLike) -> tuple[int, ...]:
@@ -132,7 +149,8 @@ def _pairs_from_folder(root: Path, extensions: tuple[str, ...] = VOLUME_EXTENSIO
     return [{"image": str(p), "label": str(label)} for p, label in pairs.items()]
 
 
-def _check_2d_or_3d(path: str | os.PathLike) -> tuple[int, ...]:
+def check_2d_or_3d(path: str | os.PathLike) -> tuple[int, ...]:
+    """The shape of a single-channel 2D image or 3D volume (from its header); others raise."""
     shape = volume_shape(path)
     if len(shape) not in (2, 3):
         raise VolumeDataError(f"{path}: array of shape {list(shape)}; expected a single-channel 2D image or 3D "
@@ -147,7 +165,7 @@ def segmentation_datalist(data: str | os.PathLike | Sequence[Mapping[str, Any]],
     shape (checked from the headers). ``allow_2d``: 2D images (PNG, JPEG, ... or 2D NIfTI) as well as volumes,
     each label with its image's spatial shape (RGB images: their pixel grid)."""
     extensions = VOLUME_EXTENSIONS + IMAGE_EXTENSIONS if allow_2d else VOLUME_EXTENSIONS
-    check = _check_2d_or_3d if allow_2d else _check_3d
+    check = check_2d_or_3d if allow_2d else _check_3d
     if isinstance(data, (str, os.PathLike)):
         pairs = _pairs_from_folder(Path(data), extensions)
     else:

@@ -48,6 +48,7 @@ from lvmmed_monai.engines.pretrain import (
     LVMMedPretrainTrainer,
     RNGState,
     as_bool,
+    as_int,
     build_encoder,
     epoch_means,
     halving_milestones,
@@ -56,7 +57,7 @@ from lvmmed_monai.engines.pretrain import (
 from lvmmed_monai.engines.segmentation import LossProgressBar, SegmentationReport, per_class_iou
 
 __all__ = [
-    "as_bool",
+    "as_bool", "as_int",
     "LVMMedPretrainModel", "LVMMedPretrainTrainer", "RNGState", "build_encoder", "epoch_means", "halving_milestones",
     "input_normalization", "AtomicCheckpointSaver", "EncoderExportHandler", "PretrainProgressBar", "FirstOrderWarmup",
     "OnlineProbe", "latest_checkpoint", "attach_checkpointing", "GlobalBatchNorm2d", "distributed_setup",

@@ -27,7 +27,7 @@ from lvmmed_monai.encoders import IMAGENET_MEAN, IMAGENET_STD, SAM_PIXEL_MEAN, S
 from lvmmed_monai.engines.distributed import get_rank, get_world_size, is_distributed
 from lvmmed_monai.ssl.loss import LVMMedLoss, LVMMedLossOutput
 
-__all__ = ["as_bool", "LVMMedPretrainModel", "LVMMedPretrainTrainer", "RNGState", "build_encoder",
+__all__ = ["as_bool", "as_int", "LVMMedPretrainModel", "LVMMedPretrainTrainer", "RNGState", "build_encoder",
            "input_normalization", "halving_milestones", "STAT_KEYS", "VIEW_KEYS"]
 
 STAT_KEYS = ("accuracy", "identity_rate", "objective", "identity_objective", "hamming", "retrieval_accuracy")
@@ -47,6 +47,16 @@ def as_bool(value: bool | int | str) -> bool:
     raise ValueError(f"expected a boolean flag (true/false), got {value!r}")
 
 
+def as_int(value: int | str, name: str, minimum: int = 1) -> int:
+    """A config number as an int >= ``minimum``; a wrong-typed override (``--image_size abc``) raises a
+    TypeError naming the knob instead of failing later inside a transform."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().lstrip("+").isdigit():
+        raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r}: pass a number, e.g. --{name} 224")
+    if int(value) < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
 def build_encoder(
     name: str, image_size: int, weights: str | None = None, zero_init_residual: bool = False
 ) -> nn.Module:
@@ -54,6 +64,7 @@ def build_encoder(
     tables for ``image_size`` and its SAM neck, unused by ``feature_map``, is frozen (DDP needs every
     trainable parameter to get a gradient). ``zero_init_residual`` (ResNet-50, random init only): every
     residual block starts as the identity (see :class:`~lvmmed_monai.encoders.LVMMedResNet50`)."""
+    image_size = as_int(image_size, "image_size")
     kwargs = {"img_size": image_size} if name == "lvmmed_vit_b" else {}
     if zero_init_residual:
         if name != "lvmmed_resnet50":

@@ -169,7 +169,8 @@ class LVMMedLoss(nn.Module):
             names = ["feats_s", "feats_t", "coords_s", "coords_t", "coords_s range", "coords_t range"]
             bad = [nm for nm, good in zip(names, ok_all.tolist(), strict=False) if not good]
             raise ValueError(f"bad LVMMedLoss input: {bad} (NaN/Inf, or coordinates outside [0, 1]; "
-                             "coordinates are normalised by the original image size, see LVMMedViewsd)")
+                             "coordinates are normalised by the original image size, see LVMMedViewsd); NaN/Inf "
+                             "features: check the input images, or lower the learning rate of a diverged run")
 
     def _graphs(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """``(2G, n, F)`` embeddings of both views -> (``z_hat`` after the GCN, kNN edges ``(2G, nk, 2)``)."""

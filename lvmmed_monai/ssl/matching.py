@@ -398,7 +398,8 @@ def solve_qap(K: Tensor, n: int, method: str = "lvmmed", **options: object) -> T
     ok = torch.stack([lo.isfinite() & hi.isfinite(), asym <= 1e-5 * hi.abs().maximum(lo.abs())])
     finite, symmetric = ok.tolist()
     if not finite:
-        raise ValueError("K contains NaN or inf values; graph matching needs finite affinities")
+        raise ValueError("K contains NaN or inf values; graph matching needs finite affinities: check the "
+                         "features K was built from (lawler_from_edges) for NaN/Inf, e.g. a diverged encoder")
     if not symmetric:
         raise ValueError("K must be symmetric (the Lawler form of lawler_from_edges); pass (K + K^T) / 2")
     return QAP_SOLVERS[method](K, n, **options).to(torch.float32)

@@ -374,3 +374,37 @@ def test_corrupt_files_fail_with_clear_messages_and_nothing_half_written(calibra
     (tmp_path / "broken.png").write_bytes(b"\x89PNG garbage")
     with pytest.raises(VolumeDataError, match=r"broken\.png: unreadable"):
         inference_datalist([str(tmp_path / "fine.png"), str(tmp_path / "broken.png")], tmp_path, ".png")
+
+
+# ---------------------------------------------------------------- kill and resume
+
+
+def test_killed_training_resumes_from_the_latest_checkpoint_which_always_loads(tmp_path):
+    """SIGKILL halfway through writing the iteration-4 checkpoint, resume, SIGKILL after iteration 5, resume:
+    the run finishes its 6 iterations, and after every kill the latest checkpoint is complete (atomic saves: the
+    half-written file is a temporary the resume ignores). 3 training volumes, batch 1, 2 epochs, a checkpoint
+    every 2 iterations; the records show where each run started."""
+    from lvmmed_monai.engines import latest_checkpoint
+
+    out, helper = tmp_path / "out", str(Path(__file__).with_name("_run_workflow.py"))
+    over = {**TINY, "output_dir": str(out), "num_phantoms": 4, "phantom_shape": [32, 32, 6], "patch_size": [32, 32],
+            "slices_per_volume": 2, "batch_size": 1, "max_epochs": 2, "ckpt_interval": 2, "sw_batch_size": 6}
+
+    def run(kill_at: int, record: str, **extra) -> tuple[int, list[int], str | None]:
+        proc = subprocess.run([sys.executable, helper, str(CONFIGS / "train.yaml"), str(tmp_path / record),
+                               str(kill_at), json.dumps({**over, **extra})], capture_output=True, encoding="utf-8",
+                              errors="replace", env=ENV, timeout=300, cwd=REPO)
+        assert proc.returncode == (-9 if kill_at else 0), proc.stderr[-3000:]
+        latest = latest_checkpoint(out / "checkpoints")
+        if latest is not None:  # complete: it loads, with the state a resume needs
+            state = torch.load(latest, weights_only=True)
+            assert set(state) == {"model", "optimizer", "trainer", "rng"}
+        records = [json.loads(line)["iteration"] for line in (tmp_path / record).read_text().splitlines()]
+        return proc.returncode, records, latest and Path(latest).name
+
+    assert run(-4, "a.jsonl") == (-9, [1, 2, 3], "checkpoint_iteration=2.pt")  # died saving iteration 4
+    assert [p.name for p in (out / "checkpoints").iterdir() if p.suffix != ".pt"]  # its half-written temporary
+    assert run(5, "b.jsonl", resume=True) == (-9, [3, 4, 5], "checkpoint_iteration=4.pt")
+    assert run(0, "c.jsonl", resume=True) == (0, [5, 6], "checkpoint_final_iteration=6.pt")
+    assert torch.load(latest_checkpoint(out / "checkpoints"), weights_only=True)["trainer"]["iteration"] == 6
+    assert _files(out / "models") == ["model_best.pt", "model_final.pt"]

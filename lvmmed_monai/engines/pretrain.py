@@ -94,11 +94,13 @@ def halving_milestones(total_iterations: int, num_halvings: int = 4) -> list[int
 class LVMMedPretrainModel(nn.Module):
     """Encoder + :class:`LVMMedLoss` (projector, GCN) as one module, the unit that DDP wraps and Adam trains.
 
-    ``world_size`` makes a multi-process step equal a 1-process step on the global batch: IMLE's backward
-    solve moves the costs by ``lam * dL/dX``, and with ``reduction="mean"`` dL/dX carries ``1 / G`` for the
-    ``G`` graphs of a process, not of the global batch; so ``lam`` is divided by ``world_size`` (the
-    gradient, ``(X - X') / lam``, then comes out ``world_size`` times larger, which DDP's averaging undoes).
-    With ``reduction="sum"`` the loss is also multiplied by ``world_size``.
+    ``world_size`` makes a multi-process step equal a 1-process step on the global batch. With the criterion's
+    ``imle_step="per_graph"`` (default) IMLE's step does not depend on how the graphs are spread over
+    processes, and DDP's gradient averaging does the rest. With ``"per_loss"`` the backward solve moves the
+    costs by ``lam * dL/dX``, and with ``reduction="mean"`` dL/dX carries ``1 / G`` for the ``G`` graphs of a
+    process, not of the global batch; so ``lam`` is divided by ``world_size`` (the gradient, ``(X - X') / lam``,
+    then comes out ``world_size`` times larger, which DDP's averaging undoes). With ``reduction="sum"`` the
+    loss is also multiplied by ``world_size``.
 
     Besides :class:`LVMMedLoss`'s statistics it reports ``retrieval_accuracy``: the share of images whose
     highest vertex affinity ``c_v`` (Eq. 3, no noise) is with their own other view. The matching
@@ -115,7 +117,8 @@ class LVMMedPretrainModel(nn.Module):
                              f"{encoder.feature_dim}; set in_dim to it (2048 for ResNet-50, 768 for ViT-B)")
         self.encoder, self.criterion = encoder, criterion
         self.world_size = int(world_size if world_size is not None else get_world_size())
-        self.criterion.lam = criterion.lam / self.world_size
+        if getattr(criterion, "imle_step", "per_loss") == "per_loss":
+            self.criterion.lam = criterion.lam / self.world_size
 
     def forward(self, image_s: torch.Tensor, image_t: torch.Tensor, coords_s: torch.Tensor,
                 coords_t: torch.Tensor, generator: torch.Generator | None = None) -> LVMMedLossOutput:

@@ -4,6 +4,13 @@ The matching ``GM(c_v, c_e)`` (Eq. 4) is piecewise constant in the affinities, s
 almost everywhere. IMLE (Niepert et al. 2021) perturbs the costs with Gumbel noise in the forward pass and,
 in the backward pass, solves again at costs moved by ``-lam * dL/dX``; the difference of the two matchings,
 divided by ``lam``, is the gradient estimate (Eq. 6).
+
+``step`` says what ``lam`` is relative to. ``"per_loss"`` is IMLE as written for one loss: the target moves by
+``lam * dL/dX``, so a loss averaged over ``G`` graphs (and over processes) moves each graph's target by
+``lam / G``: 40 at batch 32, 0.4 at the paper's 3200. ``"per_graph"`` reads Algorithm 1 for each problem: each
+graph's ``dL/dX`` is rescaled to unit mean magnitude before the step (for the Hamming loss, exactly the
+graph's own ``dH/dX``, whatever the reduction, batch size or number of processes) and the gradient estimate
+is scaled back, so it is still an estimate of ``dL/dc``.
 """
 
 from __future__ import annotations
@@ -15,9 +22,10 @@ from torch import Tensor
 
 from lvmmed_monai.ssl.matching import lawler_from_edges, solve_lap, solve_qap
 
-__all__ = ["imle_qap", "hamming_loss", "gumbel_noise", "NOISE_KINDS"]
+__all__ = ["imle_qap", "hamming_loss", "gumbel_noise", "NOISE_KINDS", "STEP_KINDS"]
 
 NOISE_KINDS = ("gumbel", "constant", "none")
+STEP_KINDS = ("per_graph", "per_loss")
 
 
 def gumbel_noise(shape: tuple[int, ...], ref: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -66,16 +74,21 @@ class _IMLEQAP(torch.autograd.Function):
     def backward(ctx: Any, grad_x: Tensor) -> tuple[Tensor | None, ...]:
         cv, ce, eps, eps_e, x_fwd, edges_s, edges_t = ctx.saved_tensors
         cfg, lam = ctx.cfg, ctx.cfg["lam"]
+        grad_x = grad_x.float()
+        scale = grad_x.new_ones(grad_x.shape[0], 1, 1)  # (G, 1, 1): what lam is relative to, per graph
+        if cfg["step"] == "per_graph":
+            scale = grad_x.abs().mean((1, 2), keepdim=True)
+            grad_x = torch.where(scale > 0, grad_x / scale.clamp_min(1e-30), torch.zeros_like(grad_x))
         # (c_v + eps, c_e + eps') - lam * dL/dX: the loss depends on X only, so only the vertex term moves
-        target_v = cv + eps - lam * grad_x.float()
+        target_v = cv + eps - lam * grad_x
         x_bwd = _solve(target_v, ce + eps_e if cfg["second_order"] else None, edges_s, edges_t, cfg)
         grad_v = grad_e = None
         if ctx.needs_input_grad[0]:
-            grad_v = ((x_fwd - x_bwd).mean(0) / lam).to(cfg["c_v_dtype"])
+            grad_v = ((x_fwd - x_bwd).mean(0) * scale / lam).to(cfg["c_v_dtype"])
         if ctx.needs_input_grad[1]:
             if cfg["second_order"]:
                 diff = _pair_products(x_fwd, edges_s, edges_t) - _pair_products(x_bwd, edges_s, edges_t)
-                grad_e = diff.mean(0) / lam
+                grad_e = diff.mean(0) * scale / lam
             else:
                 grad_e = torch.zeros_like(ce)
             grad_e = grad_e.to(cfg["c_e_dtype"])
@@ -100,6 +113,7 @@ def imle_qap(
     edges_t: Tensor,
     *,
     lam: float = 80.0,
+    step: str = "per_loss",
     noise: str = "gumbel",
     noise_scale: float = 1.0,
     num_samples: int = 1,
@@ -116,8 +130,11 @@ def imle_qap(
             ``edges_s`` ``(G, E, 2)`` and ``edges_t`` ``(G, F, 2)`` (long), as in
             :func:`~lvmmed_monai.ssl.matching.lawler_from_edges`.
         lam: the finite-difference step lambda (80 in the paper). The backward target is
-            ``c + eps - lam * dL/dX``, so lam is relative to the scale of dL/dX: a loss averaged over G
-            graphs perturbs each by ``lam / G``.
+            ``c + eps - lam * dL/dX``, so with ``step="per_loss"`` lam is relative to the scale of dL/dX: a
+            loss averaged over G graphs perturbs each by ``lam / G``.
+        step: ``"per_loss"`` (IMLE as written for one loss) or ``"per_graph"`` (each graph's dL/dX rescaled
+            to unit mean magnitude before the step, the gradient scaled back: each graph moves by lam
+            whatever the batch; see the module docstring).
         noise: ``"gumbel"`` (eps, eps' ~ Gumbel(0, 1), Algorithm 1), ``"constant"`` (the paper's "w/o
             Gumbel" ablation: ``constant`` is added to every c_v and c_e entry; the default is the Gumbel
             mean, so only the randomness is removed) or ``"none"``.
@@ -144,6 +161,8 @@ def imle_qap(
     """
     if noise not in NOISE_KINDS:
         raise ValueError(f"unknown noise {noise!r}; valid: {list(NOISE_KINDS)}")
+    if step not in STEP_KINDS:
+        raise ValueError(f"unknown IMLE step {step!r}; valid: {list(STEP_KINDS)}")
     if num_samples < 1 or lam <= 0 or noise_scale < 0:
         raise ValueError(f"need num_samples >= 1, lam > 0 and noise_scale >= 0, got num_samples={num_samples}, "
                          f"lam={lam}, noise_scale={noise_scale}")
@@ -157,6 +176,7 @@ def imle_qap(
         raise ValueError("c_v or c_e contains NaN or inf values")
     cfg = {
         "lam": float(lam),
+        "step": step,
         "noise": noise,
         "noise_scale": float(noise_scale),
         "num_samples": int(num_samples),

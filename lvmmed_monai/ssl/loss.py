@@ -14,10 +14,12 @@ Pipeline for a batch of ``N = G * graph_size`` images seen in two views ``s`` an
 
 The loss is the per-graph Hamming distance (Eq. 5, a sum over the ``n x n`` entries) averaged over graphs
 (``reduction="mean"``, the convention of the blackbox graph-matching code BB-GM, Rolinek et al. 2020) or
-summed. The IMLE backward step perturbs the costs by ``lam * dL/dX``, so the reduction sets the effective
-step: with "mean" it is ``lam / G`` per graph; "sum" keeps ``lam`` whatever the batch size. Under DDP with
-"mean", each process averages over its own ``G / world_size`` graphs, so pass ``lam / world_size`` to match a
-one-process step on the global batch (``lvmmed_monai.engines`` does this).
+summed. ``imle_step`` says what IMLE's ``lam`` is relative to (:func:`~lvmmed_monai.ssl.imle.imle_qap`):
+``"per_graph"`` (default) moves each graph's backward target by ``lam`` times its own Hamming gradient,
+whatever the batch size, reduction or number of processes, as Algorithm 1 reads for one problem;
+``"per_loss"`` (the convention before) moves it by ``lam * dL/dX``, i.e. ``lam / G`` per graph with "mean",
+and under DDP with "mean" the engine then passes ``lam / world_size`` to match a one-process step on the
+global batch (``lvmmed_monai.engines`` does this).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from torch import Tensor, nn
 
 from lvmmed_monai.ssl.affinity import edge_affinity, num_kept, vertex_affinity
 from lvmmed_monai.ssl.graph import GCN, Projector, knn_adjacency, knn_graph, normalized_adjacency
-from lvmmed_monai.ssl.imle import hamming_loss, imle_qap
+from lvmmed_monai.ssl.imle import STEP_KINDS, hamming_loss, imle_qap
 from lvmmed_monai.ssl.matching import lawler_from_edges, qap_objective
 from lvmmed_monai.ssl.views import pool_coords
 
@@ -82,6 +84,8 @@ class LVMMedLoss(nn.Module):
         local_cost: False = ``c_v`` is the global cosine alone, at full weight ("w/o local").
         num_samples: IMLE noise samples per step. method: QAP solver (``solve_qap``'s registry).
         reduction: "mean" or "sum" of the per-graph Hamming losses over graphs (see the module docstring).
+        imle_step: "per_graph" (lam per graph, independent of the batch) or "per_loss" (lam relative to the
+            reduced loss's gradient: lam / G per graph with "mean"); see the module docstring.
         check_inputs: check for NaN/Inf features and coordinates outside ``[0, 1]`` (on the pooled
             tensors, where any NaN/Inf propagates; one host sync per step).
         max_local_elements: chunking threshold of the local cost (see ``local_affinity``).
@@ -111,6 +115,7 @@ class LVMMedLoss(nn.Module):
         check_inputs: bool = True,
         max_local_elements: int = 2**24,
         edge_min_norm: float = 0.1,
+        imle_step: str = "per_graph",
     ) -> None:
         super().__init__()
         if not 1 <= k < graph_size:
@@ -120,6 +125,9 @@ class LVMMedLoss(nn.Module):
                              f"alpha={alpha}, lam={lam}, num_samples={num_samples}, noise_scale={noise_scale}")
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        if imle_step not in STEP_KINDS:
+            raise ValueError(f"imle_step must be one of {list(STEP_KINDS)}, got {imle_step!r}")
+        self.imle_step = imle_step
         num_kept(gamma, 1)  # validates gamma
         self.projector = Projector(in_dim, proj_dim, projector_hidden_dim)
         self.gcn = GCN(proj_dim, gcn_dim, gcn_dim, num_layers=2) if message_passing else None
@@ -220,7 +228,7 @@ class LVMMedLoss(nn.Module):
     def match(self, aff: GraphAffinities, generator: torch.Generator | None = None) -> LVMMedLossOutput:
         """Perturbed matching with IMLE gradients (Eq. 4, 6) and the Hamming loss to the identity (Eq. 5)."""
         x = imle_qap(
-            aff.c_v, aff.c_e, aff.edges_s, aff.edges_t, lam=self.lam,
+            aff.c_v, aff.c_e, aff.edges_s, aff.edges_t, lam=self.lam, step=self.imle_step,
             noise="gumbel" if self.gumbel else "constant", noise_scale=self.noise_scale, num_samples=self.num_samples,
             second_order=self.second_order, method=self.method, generator=generator,
         )

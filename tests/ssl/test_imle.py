@@ -226,3 +226,66 @@ def test_cuda_forward_backward():
     X = imle_qap(c_v, c_e, es.cuda(), et.cuda(), generator=torch.Generator(device="cuda").manual_seed(0))
     hamming_loss(X).sum().backward()
     assert X.is_cuda and c_v.grad.is_cuda and c_e.grad.is_cuda and c_v.grad.shape == c_v.shape
+
+
+def _graph0_grads(c_v, c_e, es, et, g: int, step: str, lam: float, noise: str, second_order: bool):
+    """Gradient of graph 0's own Hamming loss (G x the gradient of the batch mean) from a batch of ``g`` graphs."""
+    cv, ce = c_v[:g].clone().requires_grad_(True), c_e[:g].clone().requires_grad_(True)
+    gen = torch.Generator().manual_seed(3)  # CPU rand fills in order: graph 0's vertex noise is the same for any g
+    x = imle_qap(cv, ce, es[:g], et[:g], lam=lam, step=step, noise=noise, second_order=second_order, generator=gen)
+    hamming_loss(x).mean().backward()
+    return g * cv.grad[0], g * ce.grad[0]
+
+
+@pytest.mark.parametrize("noise, second_order", [("constant", True), ("gumbel", False)])
+def test_per_graph_step_does_not_depend_on_the_batch(noise, second_order):
+    c_v, c_e, es, et = _problem(20, 5, seed=4)
+    lam = 2.0  # comparable to the affinities, so lam / G (the per-loss convention) barely moves a graph at G = 20
+    gv2, ge2 = _graph0_grads(c_v, c_e, es, et, 2, "per_graph", lam, noise, second_order)
+    gv20, ge20 = _graph0_grads(c_v, c_e, es, et, 20, "per_graph", lam, noise, second_order)
+    assert gv2.abs().sum() > 0
+    torch.testing.assert_close(gv2, gv20)
+    torch.testing.assert_close(ge2, ge20)
+    # the per-loss convention (the one before) gives graph 0 another gradient in a batch of 20 than of 2
+    old2 = _graph0_grads(c_v, c_e, es, et, 2, "per_loss", lam, noise, second_order)[0]
+    old20 = _graph0_grads(c_v, c_e, es, et, 20, "per_loss", lam, noise, second_order)[0]
+    assert not torch.allclose(old2, old20)
+    # per_loss with lam is per_graph with lam / G: the same target, the same gradient of the batch mean
+    new2 = _graph0_grads(c_v, c_e, es, et, 2, "per_graph", lam / 2, noise, second_order)[0]
+    torch.testing.assert_close(_graph0_grads(c_v, c_e, es, et, 2, "per_loss", lam, noise, second_order)[0], new2)
+
+
+def test_per_graph_step_is_the_same_on_one_or_two_processes():
+    """Two processes, each the mean over its 10 graphs, gradients averaged as DDP does, equal one process on
+    all 20; and the engine leaves lam alone under per_graph (it divides it by the processes under per_loss)."""
+    from torch import nn
+
+    from lvmmed_monai.engines import LVMMedPretrainModel
+    from lvmmed_monai.ssl import LVMMedLoss
+
+    c_v, c_e, es, et = _problem(20, 5, seed=5)
+
+    def grads(parts: list[slice]) -> torch.Tensor:
+        out = torch.zeros_like(c_v)
+        for sl in parts:
+            cv = c_v[sl].clone().requires_grad_(True)
+            x = imle_qap(cv, c_e[sl], es[sl], et[sl], lam=2.0, step="per_graph", noise="constant")
+            hamming_loss(x).mean().backward()
+            out[sl] = cv.grad / len(parts)  # DDP averages the processes' gradients
+        return out
+
+    one = grads([slice(0, 20)])
+    assert one.abs().sum() > 0
+    torch.testing.assert_close(grads([slice(0, 10), slice(10, 20)]), one)
+
+    class Enc(nn.Module):
+        feature_dim = 8
+
+        def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    for step, lam in (("per_graph", 80.0), ("per_loss", 40.0)):
+        model = LVMMedPretrainModel(Enc(), LVMMedLoss(in_dim=8, graph_size=4, k=2, imle_step=step), world_size=2)
+        assert model.criterion.lam == lam
+    with pytest.raises(ValueError, match="imle_step"):
+        LVMMedLoss(in_dim=8, graph_size=4, k=2, imle_step="per_batch")

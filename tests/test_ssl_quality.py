@@ -215,3 +215,17 @@ def test_prepare_mr_data_writes_disjoint_folders_and_reuses_them(tmp_path):
     shutil.copytree(paths["regions"] / "test" / "insula", paths["regions"] / "test" / "deep_grey")
     with pytest.raises(ValueError, match="same class folders"):
         labeled_split(paths["regions"], 16)
+
+
+def test_cli_mr_data_reports_the_folders(tmp_path, capsys):
+    from lvmmed_monai.cli import main
+
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    _fake_templates(templates)
+    assert main(["mr-data", "--out", str(tmp_path / "mr"), "--templates", str(templates)]) == 0
+    out = capsys.readouterr().out
+    assert "unlabelled MR slices" in out and "patches of 3 lobes from disjoint slices" in out
+    assert (tmp_path / "mr" / "regions" / "train" / "frontal").is_dir()
+    assert main(["mr-data", "--out", str(tmp_path / "mr2"), "--templates", str(tmp_path / "none")]) != 0
+    assert "ch2.nii.gz not found" in capsys.readouterr().err

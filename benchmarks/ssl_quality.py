@@ -247,8 +247,7 @@ def main() -> None:
     with atomic_open(out / "results.json", "w") as fh:
         json.dump({"args": vars(args), "results": results, "logs": logs}, fh, indent=1)
     cols = [("knn", "region kNN"), ("linear", "region linear"), ("rank", "eff. rank"),
-            ("seg_linear", "seg linear Dice"),
-            ("seg_finetune", "seg fine-tune Dice")]
+            ("seg_linear", "seg linear Dice"), ("seg_finetune", "seg fine-tune Dice")]
     print(f"\n{'encoder':<22}" + "".join(f"{c:>20}" for _, c in cols))
     for name, r in results.items():
         print(f"{name:<22}" + "".join(f"{r.get(k, float('nan')):>20.3f}" for k, _ in cols))

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import LoadImage, LoadImaged, MapTransform, Randomizable, RandSpatialCropSamplesd, SqueezeDimd
+from monai.utils import ensure_tuple
 
 from lvmmed_monai.data.pretrain import IMAGE_EXTENSIONS, PretrainDataError, _kind, collect_files, image_value_problem
 from lvmmed_monai.data.synthetic import phantom_batch
@@ -206,8 +207,7 @@ class CheckedLoadImaged(LoadImaged):
     def __init__(self, keys: KeysCollection, *args: Any, check_values: KeysCollection | None = "image",
                  **kwargs: Any) -> None:
         super().__init__(keys, *args, **kwargs)
-        self.check_values = [] if check_values is None else \
-            [check_values] if isinstance(check_values, (str, int)) else list(check_values)
+        self.check_values = ensure_tuple(check_values) if check_values is not None else ()
 
     def __call__(self, data: Mapping[Hashable, Any], reader: Any = None) -> dict[Hashable, Any]:
         try:

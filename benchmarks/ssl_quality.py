@@ -99,7 +99,7 @@ def pretrain(method: str, args: argparse.Namespace, data: Path, out: Path, probe
     """Train one objective for ``args.iterations`` iterations from the seeded random init; returns the encoder's
     state dict and the per-iteration log."""
     from lvmmed_monai.data.sampling import derive_seed
-    from lvmmed_monai.engines import FirstOrderWarmup, LVMMedPretrainModel, halving_milestones
+    from lvmmed_monai.engines import FirstOrderWarmup, LVMMedPretrainModel, halving_milestones, view_inputs
     from lvmmed_monai.ssl import SimCLRLoss
 
     overrides = {**_overrides(args), **GM_ABLATIONS.get(method, {})}
@@ -133,7 +133,7 @@ def pretrain(method: str, args: argparse.Namespace, data: Path, out: Path, probe
             if warmup is not None:
                 warmup(SimpleNamespace(state=SimpleNamespace(iteration=it)))
             gen.manual_seed(derive_seed(args.seed, it, 0))
-            x = {k: batch[k].to(device) for k in ("image_s", "image_t", "coords_s", "coords_t")}
+            x = view_inputs(batch, device)
             model.train()
             loss, stats = model(**x, generator=gen)
             opt.zero_grad(set_to_none=True)
@@ -156,13 +156,15 @@ def pretrain(method: str, args: argparse.Namespace, data: Path, out: Path, probe
 
 
 class _ContrastiveModel(torch.nn.Module):
-    """Encoder + SimCLRLoss with LVMMedPretrainModel's call signature (views and coordinates in, loss out)."""
+    """Encoder + SimCLRLoss with LVMMedPretrainModel's call signature (views and coordinates in, loss out);
+    SimCLR's two global views only (multi-crop local views, ``--set local_crops=N``, are not used)."""
 
     def __init__(self, encoder: torch.nn.Module, criterion: torch.nn.Module) -> None:
         super().__init__()
         self.encoder, self.criterion = encoder, criterion
 
-    def forward(self, image_s, image_t, coords_s=None, coords_t=None, generator=None):
+    def forward(self, image_s, image_t, coords_s=None, coords_t=None, generator=None, local_images=(),
+                local_coords=()):
         n = image_s.shape[0]
         feats = self.encoder.feature_map(torch.cat([image_s, image_t]))
         return self.criterion(feats[:n], feats[n:])

@@ -66,6 +66,8 @@ def pretrain_dataset(
     cache_rate: float = 1.0,
     num_workers: int = 0,
     views: Mapping | None = None,
+    local_crops: int = 0,
+    local_size: int | None = None,
 ) -> SeededViewsDataset:
     """Dataset of ``{image_s, image_t, coords_s, coords_t}`` for :class:`GlobalBatchSampler`'s ``(index, seed)``.
 
@@ -76,6 +78,9 @@ def pretrain_dataset(
         cache_rate: share of slices kept in memory after loading (``CacheDataset``; 0 reads each time).
         num_workers: threads that fill the cache.
         views: extra ``LVMMedViewsd`` arguments (crop scale, jitter, blur...).
+        local_crops: multi-crop: small views per image (``image_l0`` ...), each matched against a global view
+            by :class:`~lvmmed_monai.engines.LVMMedPretrainModel` (paper: multi-crop as VICRegL; 0 = off).
+        local_size: their size; None = ``image_size * 96 / 224`` (96 px at 224 px, as VICRegL and DINO), >= 16.
     """
     from lvmmed_monai.engines.pretrain import input_normalization
 
@@ -84,8 +89,16 @@ def pretrain_dataset(
     base = CacheDataset(items, Compose(load), cache_rate=cache_rate, num_workers=num_workers or None,
                         progress=False) if cache_rate > 0 else Dataset(items, Compose(load))
     mean, std = input_normalization(encoder_name)
+    views = dict(views or {})
+    if local_crops:
+        if int(local_crops) < 0 or "num_local_crops" in views:
+            raise ValueError(f"local_crops must be >= 0 and not also given as views.num_local_crops, got "
+                             f"local_crops={local_crops!r}, views={views}")
+        views["num_local_crops"] = int(local_crops)
+        views.setdefault("local_size", local_size or max(16, int(image_size) * 96 // 224))
+    keys = ["image_s", "image_t", *(f"image_l{j}" for j in range(int(views.get("num_local_crops", 0))))]
     random_part = Compose([
-        LVMMedViewsd("image", size=image_size, out_channels=3, **dict(views or {})),
-        NormalizeIntensityd(["image_s", "image_t"], subtrahend=mean, divisor=std, channel_wise=True),
+        LVMMedViewsd("image", size=image_size, out_channels=3, **views),
+        NormalizeIntensityd(keys, subtrahend=mean, divisor=std, channel_wise=True),
     ])
     return SeededViewsDataset(base, random_part)

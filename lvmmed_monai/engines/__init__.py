@@ -53,11 +53,13 @@ from lvmmed_monai.engines.pretrain import (
     epoch_means,
     halving_milestones,
     input_normalization,
+    missing_setting,
+    view_inputs,
 )
 from lvmmed_monai.engines.segmentation import LossProgressBar, SegmentationReport, per_class_iou
 
 __all__ = [
-    "as_bool", "as_int",
+    "as_bool", "as_int", "missing_setting", "view_inputs",
     "LVMMedPretrainModel", "LVMMedPretrainTrainer", "RNGState", "build_encoder", "epoch_means", "halving_milestones",
     "input_normalization", "AtomicCheckpointSaver", "EncoderExportHandler", "PretrainProgressBar", "FirstOrderWarmup",
     "OnlineProbe", "latest_checkpoint", "attach_checkpointing", "GlobalBatchNorm2d", "distributed_setup",

@@ -13,7 +13,7 @@ well (:class:`RNGState`) for anything else that draws from it.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from ignite.engine import Events
@@ -27,11 +27,29 @@ from lvmmed_monai.encoders import IMAGENET_MEAN, IMAGENET_STD, SAM_PIXEL_MEAN, S
 from lvmmed_monai.engines.distributed import get_rank, get_world_size, is_distributed
 from lvmmed_monai.ssl.loss import LVMMedLoss, LVMMedLossOutput
 
-__all__ = ["as_bool", "as_int", "LVMMedPretrainModel", "LVMMedPretrainTrainer", "RNGState", "build_encoder",
-           "input_normalization", "halving_milestones", "STAT_KEYS", "VIEW_KEYS"]
+__all__ = ["as_bool", "as_int", "missing_setting", "LVMMedPretrainModel", "LVMMedPretrainTrainer", "RNGState",
+           "build_encoder", "input_normalization", "halving_milestones", "view_inputs", "STAT_KEYS", "VIEW_KEYS"]
 
 STAT_KEYS = ("accuracy", "identity_rate", "objective", "identity_objective", "hamming", "retrieval_accuracy")
 VIEW_KEYS = ("image_s", "image_t", "coords_s", "coords_t")
+
+
+def view_inputs(batch: Mapping[str, torch.Tensor], device: str | torch.device, non_blocking: bool = False) -> dict:
+    """A collated :class:`~lvmmed_monai.ssl.LVMMedViewsd` batch -> :class:`LVMMedPretrainModel`'s keyword
+    arguments on ``device``: the two global views and their coordinates, and the multi-crop local views
+    ``image_l0, image_l1, ...`` (with ``coords_l*``) as the lists ``local_images`` / ``local_coords``."""
+    missing = [k for k in VIEW_KEYS if k not in batch]
+    if missing:
+        raise ValueError(f"batch lacks {missing} (it has {sorted(batch)}); the data pipeline must end with "
+                         "LVMMedViewsd('image')")
+    x = {k: batch[k].to(device, non_blocking=non_blocking) for k in VIEW_KEYS}
+    m = 0
+    while f"image_l{m}" in batch:
+        m += 1
+    if m:
+        x["local_images"] = [batch[f"image_l{j}"].to(device, non_blocking=non_blocking) for j in range(m)]
+        x["local_coords"] = [batch[f"coords_l{j}"].to(device, non_blocking=non_blocking) for j in range(m)]
+    return x
 
 
 def as_bool(value: bool | int | str) -> bool:
@@ -55,6 +73,12 @@ def as_int(value: int | str, name: str, minimum: int = 1) -> int:
     if int(value) < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
+
+
+def missing_setting(name: str, hint: str) -> None:
+    """A config key without a default (e.g. ``init_weights`` in the paper preset): raises a ValueError naming the
+    key and what to pass. Referenced as the key's value, it runs only when no ``--name`` override replaced it."""
+    raise ValueError(f"{name} has no default in this configuration: {hint}")
 
 
 def build_encoder(
@@ -102,6 +126,11 @@ class LVMMedPretrainModel(nn.Module):
     then comes out ``world_size`` times larger, which DDP's averaging undoes). With ``reduction="sum"`` the
     loss is also multiplied by ``world_size``.
 
+    Multi-crop (``local_images``, the paper's "multi-crop techniques as [VICRegL]"): local crop ``j`` of every
+    image forms its own graphs, matched against the global view ``s`` (even ``j``) or ``t`` (odd ``j``) with
+    the same criterion (projector, GCN, affinities of views of different sizes, IMLE); the loss is the mean
+    over the global pair and the ``m`` global-local pairs. The statistics are those of the global pair.
+
     Besides :class:`LVMMedLoss`'s statistics it reports ``retrieval_accuracy``: the share of images whose
     highest vertex affinity ``c_v`` (Eq. 3, no noise) is with their own other view. The matching
     ``accuracy`` is measured on the solver's Gumbel-perturbed matching, so it stays low (noise of scale 1 on
@@ -121,7 +150,9 @@ class LVMMedPretrainModel(nn.Module):
             self.criterion.lam = criterion.lam / self.world_size
 
     def forward(self, image_s: torch.Tensor, image_t: torch.Tensor, coords_s: torch.Tensor,
-                coords_t: torch.Tensor, generator: torch.Generator | None = None) -> LVMMedLossOutput:
+                coords_t: torch.Tensor, generator: torch.Generator | None = None,
+                local_images: Sequence[torch.Tensor] = (), local_coords: Sequence[torch.Tensor] = ()
+                ) -> LVMMedLossOutput:
         n = image_s.shape[0]
         if image_s.shape == image_t.shape:  # one encoder pass for both views
             feats = self.encoder.feature_map(torch.cat([image_s, image_t]))
@@ -130,6 +161,17 @@ class LVMMedPretrainModel(nn.Module):
             feats_s, feats_t = self.encoder.feature_map(image_s), self.encoder.feature_map(image_t)
         aff = self.criterion.affinities(feats_s, feats_t, coords_s, coords_t)
         loss, stats = self.criterion.match(aff, generator)
+        if len(local_images) != len(local_coords):
+            raise ValueError(f"{len(local_images)} local crops but {len(local_coords)} coordinate maps")
+        if local_images:
+            same = len({tuple(im.shape) for im in local_images}) == 1
+            feats_l = (self.encoder.feature_map(torch.cat(list(local_images))).split(n) if same
+                       else [self.encoder.feature_map(im) for im in local_images])
+            losses = [loss]
+            for j, (f_l, c_l) in enumerate(zip(feats_l, local_coords, strict=True)):
+                f_g, c_g = (feats_s, coords_s) if j % 2 == 0 else (feats_t, coords_t)
+                losses.append(self.criterion.match(self.criterion.affinities(f_g, f_l, c_g, c_l), generator).loss)
+            loss = torch.stack(losses).mean()
         with torch.no_grad():  # noise-free view retrieval: is each image's best c_v partner its own other view?
             best = aff.c_v.detach().argmax(-1)
             stats["retrieval_accuracy"] = (best == torch.arange(best.shape[-1], device=best.device)).float().mean()
@@ -230,10 +272,7 @@ class LVMMedPretrainTrainer(SupervisedTrainer):
 
     def _iteration(self, engine: LVMMedPretrainTrainer, batchdata: dict[str, torch.Tensor]) -> dict:
         start = time.perf_counter()
-        missing = [k for k in VIEW_KEYS if k not in batchdata]
-        if missing:
-            raise ValueError(f"batch lacks {missing}; the data pipeline must end with LVMMedViewsd('image')")
-        x = {k: batchdata[k].to(engine.state.device, non_blocking=engine.non_blocking) for k in VIEW_KEYS}
+        x = view_inputs(batchdata, engine.state.device, engine.non_blocking)
         self.generator.manual_seed(derive_seed(self.seed, engine.state.iteration, self.rank))
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=True)

@@ -31,10 +31,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "global_affinity", "edge_affinity", "local_affinity", "vertex_affinity", "select_top_mean", "num_kept",
+    "EDGE_FORMS", "global_affinity", "edge_affinity", "local_affinity", "vertex_affinity", "select_top_mean",
+    "num_kept",
 ]
 
 EPS = 1e-8
+EDGE_FORMS = ("unit", "paper")
 
 
 def _f32(*tensors: Tensor) -> list[Tensor]:
@@ -50,7 +52,8 @@ def global_affinity(zs: Tensor, zt: Tensor, eps: float = EPS) -> Tensor:
 
 
 def edge_affinity(
-    zs: Tensor, zt: Tensor, edges_s: Tensor, edges_t: Tensor, eps: float = EPS, min_norm: float = 0.1
+    zs: Tensor, zt: Tensor, edges_s: Tensor, edges_t: Tensor, eps: float = EPS, min_norm: float = 0.1,
+    form: str = "unit",
 ) -> Tensor:
     """Second-order affinity (Sec. 3.2.3): ``c^e[g, e, f] = cos(z_i^s - z_j^s, z_a^t - z_b^t)``.
 
@@ -65,10 +68,14 @@ def edge_affinity(
     (0.1: cosines above 0.995), a near-duplicate edge's affinity fades to 0 continuously and its gradient
     is bounded; for edges whose nodes differ more, ``c^e`` is exactly the paper's cosine on ``u``.
 
+    ``form="paper"`` is the paper's formula literally, ``cos(z_i - z_j, z_a - z_b)`` on the raw embeddings
+    (no unit normalisation, no floor: ``min_norm`` is ignored), kept as an option for reproduction.
+
     Args:
         zs, zt: ``(G, n, F)`` node embeddings after message passing.
         edges_s: ``(G, E, 2)`` long edges ``e = (i, j)`` of graph s; ``edges_t``: ``(G, F, 2)`` of graph t.
         eps: guard of the unit normalisation (zero embeddings). min_norm: floor of the difference norms.
+        form: ``"unit"`` (default, above) or ``"paper"`` (the literal cosine of raw differences).
 
     Returns:
         ``(G, E, F)`` float32 in ``[-1, 1]``; an edge between identical embeddings has affinity 0.
@@ -77,7 +84,13 @@ def edge_affinity(
         raise ValueError(f"zs and zt must both be (G, n, F), got {tuple(zs.shape)} and {tuple(zt.shape)}")
     if min_norm < 0:
         raise ValueError(f"min_norm must be >= 0, got {min_norm}")
-    zs, zt = (F.normalize(z, dim=-1, eps=eps) for z in _f32(zs, zt))
+    if form not in EDGE_FORMS:
+        raise ValueError(f"form must be one of {EDGE_FORMS}, got {form!r}")
+    zs, zt = _f32(zs, zt)
+    if form == "unit":
+        zs, zt = F.normalize(zs, dim=-1, eps=eps), F.normalize(zt, dim=-1, eps=eps)
+    else:
+        min_norm = 0.0
 
     def diffs(z: Tensor, edges: Tensor) -> Tensor:
         if edges.dim() != 3 or edges.shape[0] != z.shape[0] or edges.shape[-1] != 2:

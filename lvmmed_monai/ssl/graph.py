@@ -16,6 +16,9 @@ Graph conventions (tested in ``tests/ssl/test_graph.py``):
   neighbours and the propagation matrix is symmetric with eigenvalues in ``(-1, 1]``. ``D~`` is the
   degree of ``A + I`` (Kipf's renormalisation; the paper's text writes ``sum_j A_ij``, which would leave
   ``D^-1/2 (A + I) D^-1/2`` unnormalised by the self-loop).
+* The paper's literal Eq. 1 (``GCN_FORMS["paper"]``, ``LVMMedLoss(gcn_form="paper")``): ``A`` the directed
+  kNN relation as defined (``A_ij = 1`` iff ``e_ij`` is an edge), ``D~_ii = sum_j A_ij`` (= k for every node)
+  and ``sigma`` after every layer, the last included (``z_hat >= 0``).
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["knn_graph", "knn_adjacency", "normalized_adjacency", "GCN", "Projector"]
+__all__ = ["knn_graph", "knn_adjacency", "normalized_adjacency", "GCN", "GCN_FORMS", "Projector"]
+
+# gcn_form -> (symmetric A, self-loops counted in D~, activation after the last layer); see the module docstring
+GCN_FORMS = {"kipf": (True, True, False), "paper": (False, False, True)}
 
 
 def _check_nodes(z: Tensor, name: str = "z") -> None:
@@ -62,24 +68,32 @@ def knn_adjacency(edges: Tensor, n: int, symmetric: bool = True) -> Tensor:
     return torch.maximum(adj, adj.transpose(1, 2)) if symmetric else adj
 
 
-def normalized_adjacency(adj: Tensor) -> Tensor:
-    """Eq. 1 propagation matrix ``D~^-1/2 (A + I) D~^-1/2``, ``D~ = diag(rowsum(A + I))``: ``(G, n, n)``."""
-    a = adj + torch.eye(adj.shape[-1], device=adj.device, dtype=adj.dtype)
-    d = a.sum(-1).rsqrt()  # >= 1 thanks to I, so never a division by zero
+def normalized_adjacency(adj: Tensor, self_loop_degree: bool = True) -> Tensor:
+    """Eq. 1 propagation matrix ``D~^-1/2 (A + I) D~^-1/2``: ``(G, n, n)``.
+
+    ``D~ = diag(rowsum(A + I))`` (Kipf's renormalisation, default) or, with ``self_loop_degree=False``, the
+    paper's literal ``diag(rowsum(A))``; a node without out-edges then counts its self-loop alone (degree 1),
+    never a division by zero (a kNN graph gives every node k >= 1 out-edges anyway).
+    """
+    eye = torch.eye(adj.shape[-1], device=adj.device, dtype=adj.dtype)
+    a = adj + eye
+    d = (a if self_loop_degree else adj).sum(-1).clamp_min(1.0).rsqrt()
     return d[:, :, None] * a * d[:, None, :]
 
 
 class GCN(nn.Module):
     """Graph convolutional network ``g_eps`` of Eq. 1: ``H_l = sigma(A_hat H_{l-1} W_{l-1})``, dense, batched.
 
-    ``num_layers`` layers (paper: 2 of width 128), no bias (as Eq. 1), ReLU between layers and none after
-    the last one, so ``z_hat`` can take any sign like ``z`` (a final ReLU would confine every cosine of
-    Eq. 2-4 to ``[0, 1]``). Written by hand because graphs of ~16 nodes batch best as dense ``(G, n, n)``
+    ``num_layers`` layers (paper: 2 of width 128), no bias (as Eq. 1), ReLU between layers and, by default,
+    none after the last one, so ``z_hat`` can take any sign like ``z`` (a final ReLU would confine every
+    cosine of Eq. 2-4 to ``[0, 1]``); ``final_activation=True`` is Eq. 1 literally (``sigma`` on every layer).
+    Written by hand because graphs of ~16 nodes batch best as dense ``(G, n, n)``
     matmuls; torch_geometric's sparse scatter would add a dependency and be slower at this size.
     """
 
     def __init__(
-        self, in_dim: int = 128, hidden_dim: int = 128, out_dim: int = 128, num_layers: int = 2
+        self, in_dim: int = 128, hidden_dim: int = 128, out_dim: int = 128, num_layers: int = 2,
+        final_activation: bool = False,
     ) -> None:
         super().__init__()
         if num_layers < 1:
@@ -88,6 +102,7 @@ class GCN(nn.Module):
         pairs = zip(dims[:-1], dims[1:], strict=True)
         self.layers = nn.ModuleList(nn.Linear(a, b, bias=False) for a, b in pairs)
         self.act = nn.ReLU()
+        self.final_activation = final_activation
 
     def forward(self, x: Tensor, adj_norm: Tensor) -> Tensor:
         """``x (G, n, in_dim)``, ``adj_norm (G, n, n)`` (see normalized_adjacency) -> ``(G, n, out_dim)``."""
@@ -97,7 +112,7 @@ class GCN(nn.Module):
                              f"got {tuple(adj_norm.shape)}")
         for idx, layer in enumerate(self.layers):
             x = torch.bmm(adj_norm, layer(x))
-            if idx < len(self.layers) - 1:
+            if self.final_activation or idx < len(self.layers) - 1:
                 x = self.act(x)
         return x
 

@@ -30,8 +30,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from lvmmed_monai.ssl.affinity import edge_affinity, num_kept, vertex_affinity
-from lvmmed_monai.ssl.graph import GCN, Projector, knn_adjacency, knn_graph, normalized_adjacency
+from lvmmed_monai.ssl.affinity import EDGE_FORMS, edge_affinity, num_kept, vertex_affinity
+from lvmmed_monai.ssl.graph import GCN, GCN_FORMS, Projector, knn_adjacency, knn_graph, normalized_adjacency
 from lvmmed_monai.ssl.imle import STEP_KINDS, hamming_loss, imle_qap
 from lvmmed_monai.ssl.matching import lawler_from_edges, qap_objective
 from lvmmed_monai.ssl.views import pool_coords
@@ -91,6 +91,11 @@ class LVMMedLoss(nn.Module):
         max_local_elements: chunking threshold of the local cost (see ``local_affinity``).
         edge_min_norm: floor of the embedding-difference norms in the edge affinity (see
             :func:`~lvmmed_monai.ssl.affinity.edge_affinity`: it bounds the gradient of near-duplicate edges).
+        edge_form: "unit" (default: cosine of differences of unit embeddings, floored by ``edge_min_norm``) or
+            "paper" (Sec. 3.2.3 literally: cosine of differences of the raw GCN outputs).
+        gcn_form: "kipf" (default: symmetric kNN adjacency, ``D~`` from ``A + I``, no activation after the
+            last layer) or "paper" (Eq. 1 literally: directed kNN ``A``, ``D~`` from ``A``, ``sigma`` after
+            every layer); see :mod:`lvmmed_monai.ssl.graph`.
     """
 
     def __init__(
@@ -116,6 +121,8 @@ class LVMMedLoss(nn.Module):
         max_local_elements: int = 2**24,
         edge_min_norm: float = 0.1,
         imle_step: str = "per_graph",
+        edge_form: str = "unit",
+        gcn_form: str = "kipf",
     ) -> None:
         super().__init__()
         if not 1 <= k < graph_size:
@@ -127,10 +134,14 @@ class LVMMedLoss(nn.Module):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         if imle_step not in STEP_KINDS:
             raise ValueError(f"imle_step must be one of {list(STEP_KINDS)}, got {imle_step!r}")
-        self.imle_step = imle_step
+        if edge_form not in EDGE_FORMS or gcn_form not in GCN_FORMS:
+            raise ValueError(f"edge_form must be one of {list(EDGE_FORMS)} and gcn_form one of {list(GCN_FORMS)}, "
+                             f"got {edge_form!r} and {gcn_form!r}")
+        self.imle_step, self.edge_form, self.gcn_form = imle_step, edge_form, gcn_form
         num_kept(gamma, 1)  # validates gamma
         self.projector = Projector(in_dim, proj_dim, projector_hidden_dim)
-        self.gcn = GCN(proj_dim, gcn_dim, gcn_dim, num_layers=2) if message_passing else None
+        self.gcn = (GCN(proj_dim, gcn_dim, gcn_dim, num_layers=2, final_activation=GCN_FORMS[gcn_form][2])
+                    if message_passing else None)
         self.in_dim, self.k, self.graph_size = in_dim, k, graph_size
         self.alpha, self.gamma, self.lam = alpha, gamma, lam
         self.second_order, self.gumbel, self.local_cost = second_order, gumbel, local_cost
@@ -185,7 +196,8 @@ class LVMMedLoss(nn.Module):
         edges = knn_graph(z, self.k)
         if self.gcn is None:
             return z, edges
-        adj = normalized_adjacency(knn_adjacency(edges, z.shape[1], symmetric=True))
+        symmetric, self_loop_degree, _ = GCN_FORMS[self.gcn_form]
+        adj = normalized_adjacency(knn_adjacency(edges, z.shape[1], symmetric=symmetric), self_loop_degree)
         return self.gcn(z, adj), edges
 
     def affinities(
@@ -216,7 +228,7 @@ class LVMMedLoss(nn.Module):
             zs, zt = z_hat[:g], z_hat[g:]
             c_v = vertex_affinity(zs, zt, **local, alpha=self.alpha, gamma=self.gamma,
                                   max_elements=self.max_local_elements)
-            c_e = edge_affinity(zs, zt, edges[:g], edges[g:], min_norm=self.edge_min_norm)
+            c_e = edge_affinity(zs, zt, edges[:g], edges[g:], min_norm=self.edge_min_norm, form=self.edge_form)
         return GraphAffinities(c_v, c_e, edges[:g], edges[g:])
 
     @staticmethod

@@ -219,3 +219,43 @@ def test_first_order_warmup_switches_by_iteration_and_on_resume():
     assert seen2[0] == (5, True, 1.0) and all(so and ns == 1.0 for _, so, ns in seen2)
     with pytest.raises(ValueError, match="iterations"):
         FirstOrderWarmup(crit, iterations=-1)
+
+
+PAPER = str(BUNDLE / "configs" / "paper.yaml")
+
+
+def test_paper_preset_holds_the_papers_values_and_runs_two_iterations_at_a_tiny_size(tiny, tmp_path):
+    """configs/paper.yaml over train.yaml: the paper's method values (Sec. 4.1, App. A), init weights required;
+    2 iterations with only the sizes overridden (32 px, batch 16 = one graph of 16, 2 iterations)."""
+    from monai.bundle import ConfigParser
+    from torchvision.models import resnet50
+
+    parser = ConfigParser()
+    parser.read_config([TRAIN, PAPER])
+    method = {k: parser[k] for k in ("image_size", "batch_size", "graph_size", "k", "alpha", "lam", "noise_scale",
+                                     "first_order_warmup", "edge_form", "gcn_form", "local_crops", "max_epochs",
+                                     "lr", "lr_halvings", "imle_step", "views")}
+    assert method == {"image_size": 224, "batch_size": 3072, "graph_size": 16, "k": 5, "alpha": 0.8, "lam": 80.0,
+                      "noise_scale": 1.0, "first_order_warmup": 0, "edge_form": "paper", "gcn_form": "paper",
+                      "local_crops": 6, "max_epochs": 100, "lr": 0.002, "lr_halvings": 4, "imle_step": "per_graph",
+                      "views": {}}
+    assert 3072 % (16 * 16) == 0 and 3200 % (16 * 16) != 0  # whole graphs on each of 16 processes
+    configs = f"['{TRAIN}','{PAPER}']"
+    sizes = {"data": tiny["overrides"]["data"], "cache_dir": tiny["overrides"]["cache_dir"], "image_size": 32,
+             "batch_size": 16, "max_epochs": 1, "samples_per_epoch": 32, "num_workers": 0, "progress_bar": False,
+             "probe_interval": 0, "output_dir": str(tmp_path / "paper")}
+    cmd = [str(BIN / "python"), "-m", "monai.bundle", "run", "--config_file", configs, *_cli(sizes)]
+    proc = _run(cmd)
+    assert proc.returncode != 0 and "init_weights has no default" in proc.stderr, proc.stderr[-2000:]
+    weights = tmp_path / "resnet50-imagenet-layout.pth"  # generated weights in torchvision's (ImageNet) layout
+    torch.manual_seed(0)
+    torch.save(resnet50().state_dict(), weights)
+    proc = _run([*cmd, "--init_weights", str(weights)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    final = torch.load(tmp_path / "paper" / "checkpoints" / "checkpoint_final_iteration=2.pt", weights_only=True)
+    assert final["trainer"]["iteration"] == 2
+    loss = _scalars(tmp_path / "paper" / "logs", "loss")
+    assert sorted(loss) == [1, 2] and all(0 <= v <= 2 * 16 for v in loss.values())
+    # the run started from the given weights: the stem moved from them by at most 2 Adam steps of lr 2e-3
+    start = torch.load(weights, weights_only=True)["conv1.weight"]
+    assert (final["encoder"]["conv1.weight"] - start).abs().max() <= 2 * 2e-3 + 1e-6

@@ -166,6 +166,23 @@ def test_views_depend_only_on_the_sample_seed(tmp_path):
     assert torch.equal(a["image_s"], c["image_s"]) and torch.equal(a["coords_t"], c["coords_t"])
     assert not torch.equal(a["coords_s"], ds[(3, 12)]["coords_s"])
     assert b["image_t"].shape == (3, 32, 32)
+    # multi-crop: local views at image_size * 96 / 224 (>= 16), normalised like the global ones
+    from lvmmed_monai.engines import input_normalization, view_inputs
+
+    local = pretrain_dataset(index, image_size=64, local_crops=3)[(3, 11)]
+    assert {f"image_l{j}" for j in range(3)} | {f"coords_l{j}" for j in range(3)} <= set(local)
+    assert local["image_l2"].shape == (3, 27, 27) and local["coords_l0"].shape == (2, 27, 27)
+    mean, std = input_normalization("lvmmed_resnet50")
+    assert local["image_l0"].min() < -mean[0] / std[0] + 0.5  # ImageNet-normalised, not left in [0, 1]
+    batch = {k: v[None] for k, v in local.items()}
+    x = view_inputs(batch, "cpu")
+    assert [t.shape[-1] for t in x["local_images"]] == [27] * 3 and len(x["local_coords"]) == 3
+    assert set(view_inputs({k: batch[k] for k in x if k.startswith(("image_", "coords_"))}, "cpu")) == {
+        "image_s", "image_t", "coords_s", "coords_t"}
+    with pytest.raises(ValueError, match="coords_t"):
+        view_inputs({k: v for k, v in batch.items() if k != "coords_t"}, "cpu")
+    with pytest.raises(ValueError, match="num_local_crops"):
+        pretrain_dataset(index, image_size=32, local_crops=2, views={"num_local_crops": 2})
 
 
 def test_shape_phantoms_are_balanced_and_in_range():

@@ -44,6 +44,23 @@ def test_edge_affinity_matches_loop():
                     torch.testing.assert_close(c[g, e, f], ref)
 
 
+def test_edge_affinity_paper_form_is_the_raw_cosine():
+    """form="paper": cos(z_i - z_j, z_a - z_b) on the raw embeddings, as Sec. 3.2.3 prints it."""
+    torch.manual_seed(3)
+    zs, zt = torch.randn(2, 6, 4) * torch.rand(2, 6, 1) * 5, torch.randn(2, 6, 4)
+    es, et = torch.randint(0, 6, (2, 5, 2)), torch.randint(0, 6, (2, 4, 2))
+    c = edge_affinity(zs, zt, es, et, min_norm=0.1, form="paper")  # min_norm ignored
+    for g in range(2):
+        for e, (i, j) in enumerate(es[g].tolist()):
+            for f, (a, b) in enumerate(et[g].tolist()):
+                d1, d2 = zs[g, i] - zs[g, j], zt[g, a] - zt[g, b]
+                ref = F.cosine_similarity(d1, d2, dim=0, eps=1e-8) if i != j and a != b else torch.tensor(0.0)
+                torch.testing.assert_close(c[g, e, f], ref)
+    assert not torch.allclose(c, edge_affinity(zs, zt, es, et, min_norm=0.0))  # not the unit form
+    with pytest.raises(ValueError, match="form"):
+        edge_affinity(zs, zt, es, et, form="literal")
+
+
 def test_edge_affinity_scale_free_and_bounded_gradient_for_near_duplicates():
     """c_e does not depend on the embeddings' norms, and a near-duplicate edge (two consecutive slices) has
     an affinity near 0 and a bounded gradient, where the plain cosine's gradient grows as 1 / |z_i - z_j|."""

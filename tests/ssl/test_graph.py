@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lvmmed_monai.ssl.graph import GCN, Projector, knn_adjacency, knn_graph, normalized_adjacency
+from lvmmed_monai.ssl.graph import GCN, GCN_FORMS, Projector, knn_adjacency, knn_graph, normalized_adjacency
 
 
 def _knn_loop(z: np.ndarray, k: int) -> list[list[list[int]]]:
@@ -81,11 +81,41 @@ def test_gcn_equals_dense_formula():
         np.testing.assert_allclose(out[g].detach().numpy(), ref, rtol=1e-12, atol=1e-12)
 
 
+def _dense_eq1_literal(x: np.ndarray, a: np.ndarray, w0: np.ndarray, w1: np.ndarray) -> np.ndarray:
+    """Eq. 1 as printed: D~_ii = sum_j A_ij (A without I), sigma = ReLU after both layers."""
+    prop = np.diag(1.0 / np.sqrt(a.sum(1))) @ (a + np.eye(len(a))) @ np.diag(1.0 / np.sqrt(a.sum(1)))
+    return np.maximum(prop @ np.maximum(prop @ x @ w0, 0.0) @ w1, 0.0)
+
+
+def test_gcn_paper_form_equals_literal_eq1():
+    """gcn_form="paper": the directed kNN A (rows sum to k), D~ from A alone, ReLU after every layer."""
+    torch.manual_seed(2)
+    x = torch.randn(2, 7, 5, dtype=torch.float64)
+    symmetric, self_loop_degree, final = GCN_FORMS["paper"]
+    a = knn_adjacency(knn_graph(x, k=3), 7, symmetric=symmetric).double()
+    assert (a.sum(-1) == 3).all()  # directed: each node lists exactly its k neighbours
+    gcn = GCN(5, 6, 4, final_activation=final).double()
+    out = gcn(x, normalized_adjacency(a, self_loop_degree=self_loop_degree))
+    w0, w1 = gcn.layers[0].weight.detach().numpy().T, gcn.layers[1].weight.detach().numpy().T
+    for g in range(2):
+        ref = _dense_eq1_literal(x[g].numpy(), a[g].numpy(), w0, w1)
+        np.testing.assert_allclose(out[g].detach().numpy(), ref, rtol=1e-12, atol=1e-12)
+    assert (out >= 0).all()
+    # the two forms differ (the default has no final ReLU and counts self-loops in D~)
+    kipf = GCN(5, 6, 4).double()
+    kipf.load_state_dict(gcn.state_dict())
+    a_sym = knn_adjacency(knn_graph(x, k=3), 7).double()
+    assert not torch.allclose(kipf(x, normalized_adjacency(a_sym)), out)
+
+
 def test_normalized_adjacency_hand_values():
     a = torch.tensor([[[0.0, 1.0, 0.0], [1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]])  # path 0-1-2
     deg = torch.tensor([2.0, 3.0, 2.0])  # with self-loops
     expected = (a[0] + torch.eye(3)) / torch.sqrt(deg[:, None] * deg[None, :])
     torch.testing.assert_close(normalized_adjacency(a)[0], expected)
+    deg_a = torch.tensor([1.0, 2.0, 1.0])  # the paper's D~ = rowsum(A), self-loops not counted
+    expected = (a[0] + torch.eye(3)) / torch.sqrt(deg_a[:, None] * deg_a[None, :])
+    torch.testing.assert_close(normalized_adjacency(a, self_loop_degree=False)[0], expected)
 
 
 def test_gcn_permutation_equivariant():

@@ -42,8 +42,9 @@ def test_resnet50_step_reaches_encoder_projector_and_gcn():
     assert 0 <= float(stats["accuracy"]) <= 1 and 0 <= float(stats["identity_rate"]) <= 1
 
 
+@pytest.mark.parametrize("forms", [{}, {"edge_form": "paper", "gcn_form": "paper"}], ids=["default", "paper"])
 @pytest.mark.parametrize("case", ["zeros", "constant", "duplicates"])
-def test_degenerate_batches_stay_finite(case):
+def test_degenerate_batches_stay_finite(case, forms):
     fs, ft, cs, ct = _maps()
     if case == "zeros":
         fs, ft = torch.zeros_like(fs, requires_grad=True), torch.zeros_like(ft, requires_grad=True)
@@ -53,7 +54,7 @@ def test_degenerate_batches_stay_finite(case):
         fs = fs.detach()[::4].repeat_interleave(4, 0).requires_grad_()
         ft = ft.detach()[::4].repeat_interleave(4, 0).requires_grad_()
         cs, ct = cs[::4].repeat_interleave(4, 0), ct[::4].repeat_interleave(4, 0)
-    criterion = LVMMedLoss(in_dim=D)
+    criterion = LVMMedLoss(in_dim=D, **forms)
     aff = criterion.affinities(fs, ft, cs, ct)
     assert torch.isfinite(aff.c_v).all() and torch.isfinite(aff.c_e).all()
     loss, stats = criterion.match(aff)
@@ -66,7 +67,8 @@ def test_degenerate_batches_stay_finite(case):
 ABLATIONS = [
     {}, {"second_order": False}, {"message_passing": False}, {"gumbel": False}, {"local_cost": False},
     {"num_samples": 2}, {"method": "lap"}, {"gamma": 0.4, "alpha": 0.7}, {"reduction": "sum"},
-    {"projector_hidden_dim": 64},
+    {"projector_hidden_dim": 64}, {"edge_form": "paper"}, {"gcn_form": "paper"},
+    {"edge_form": "paper", "gcn_form": "paper"},
 ]
 
 
@@ -168,4 +170,46 @@ def test_bad_inputs_fail_clearly():
         criterion(fs, ft, cs * 64, ct)  # pixel coordinates instead of normalised ones
     with pytest.raises(ValueError, match="k < graph_size"):
         LVMMedLoss(in_dim=D, k=16, graph_size=16)
+    with pytest.raises(ValueError, match="edge_form"):
+        LVMMedLoss(in_dim=D, edge_form="raw")
+    with pytest.raises(ValueError, match="gcn_form"):
+        LVMMedLoss(in_dim=D, gcn_form="literal")
     LVMMedLoss(in_dim=D, local_cost=False)(fs, ft)  # no coordinates needed without the local cost
+
+
+def test_multi_crop_loss_is_the_mean_over_the_global_pair_and_each_local_crop_against_a_global_view():
+    """LVMMedPretrainModel with local crops: crop j is matched against view s (even j) or t (odd j) by the same
+    criterion, on maps of another size; the loss is the mean of the 1 + m matchings (constant noise here)."""
+    from lvmmed_monai.engines import LVMMedPretrainModel
+
+    class Enc(nn.Module):
+        feature_dim = D
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, D, 4, stride=4)
+
+        def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x)
+
+    torch.manual_seed(0)
+    model = LVMMedPretrainModel(Enc(), LVMMedLoss(in_dim=D, gumbel=False, gamma=2), world_size=1)
+    g = torch.Generator().manual_seed(1)
+    img_s, img_t = torch.rand(N, 3, 16, 16, generator=g), torch.rand(N, 3, 16, 16, generator=g)
+    locs = [torch.rand(N, 3, 8, 8, generator=g) for _ in range(3)]
+    c_s, c_t, *c_l = (torch.rand(N, 2, s, s, generator=g) for s in (16, 16, 8, 8, 8))
+    loss, stats = model(img_s, img_t, c_s, c_t, local_images=locs, local_coords=c_l)
+    crit, enc = model.criterion, model.encoder
+    f_s, f_t = enc.feature_map(img_s), enc.feature_map(img_t)
+    expected = [crit(f_s, f_t, c_s, c_t).loss]
+    for j, (im, c) in enumerate(zip(locs, c_l, strict=True)):
+        f_g, c_g = (f_s, c_s) if j % 2 == 0 else (f_t, c_t)
+        expected.append(crit(f_g, enc.feature_map(im), c_g, c).loss)
+    assert loss.item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-6)
+    global_only = model(img_s, img_t, c_s, c_t).loss
+    assert global_only.item() == pytest.approx(expected[0].item(), rel=1e-6)
+    assert float(stats["hamming"]) == pytest.approx(expected[0].item())  # statistics: the global pair
+    loss.backward()
+    assert torch.isfinite(enc.conv.weight.grad).all() and enc.conv.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="local crops"):
+        model(img_s, img_t, c_s, c_t, local_images=locs, local_coords=c_l[:1])

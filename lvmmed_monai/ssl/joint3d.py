@@ -65,15 +65,21 @@ class ClusteringAgreementLoss(nn.Module):
         num_prototypes: ``K`` (SwAV: 3000). temperature: ``tau`` (0.1). epsilon / sinkhorn_iterations: Eq. 2.
         hard_codes: one-hot argmax of the balanced codes as targets, the online form of DeepCluster-v2's
             equal-size hard assignments (DeepCluster-v2 proper runs k-means on a memory bank each epoch).
+        queue_size: SwAV's feature queue (0 = off). The codes of a batch are computed by Sinkhorn over the
+            batch *and* the ``queue_size`` most recent projections of earlier batches (per view, scored against
+            the current prototypes), so the equal-partition constraint acts on many images: on a batch of a
+            few volumes' near-duplicate slices alone it forces near-uniform codes. Used once full (as SwAV);
+            filled in training mode only; saved in the state dict (``queue``, ``queue_count``) so a resumed
+            run continues with it. The paper clusters 1024 slices per step (12 volumes per batch).
     """
 
     def __init__(self, in_dim: int, num_prototypes: int = 3000, proj_dim: int = 128, hidden_dim: int | None = 2048,
                  temperature: float = 0.1, epsilon: float = 0.05, sinkhorn_iterations: int = 3,
-                 hard_codes: bool = False, swapped: bool = True) -> None:
+                 hard_codes: bool = False, swapped: bool = True, queue_size: int = 0) -> None:
         super().__init__()
-        if num_prototypes < 1 or temperature <= 0 or epsilon <= 0:
-            raise ValueError(f"need num_prototypes >= 1, temperature > 0, epsilon > 0; got {num_prototypes}, "
-                             f"{temperature}, {epsilon}")
+        if num_prototypes < 1 or temperature <= 0 or epsilon <= 0 or queue_size < 0:
+            raise ValueError(f"need num_prototypes >= 1, temperature > 0, epsilon > 0, queue_size >= 0; got "
+                             f"{num_prototypes}, {temperature}, {epsilon}, {queue_size}")
         if hidden_dim:
             self.projector: nn.Module = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.LayerNorm(hidden_dim),
                                                       nn.ReLU(inplace=True), nn.Linear(hidden_dim, proj_dim))
@@ -81,24 +87,51 @@ class ClusteringAgreementLoss(nn.Module):
             self.projector = nn.Linear(in_dim, proj_dim)
         self.prototypes = nn.Linear(proj_dim, num_prototypes, bias=False)
         self.in_dim, self.temperature, self.epsilon, self.iterations = in_dim, temperature, epsilon, sinkhorn_iterations
-        self.hard_codes, self.swapped = hard_codes, swapped
+        self.hard_codes, self.swapped, self.queue_size = hard_codes, swapped, int(queue_size)
+        if self.queue_size:  # two views' projections, newest first; how many rows hold real entries
+            self.register_buffer("queue", torch.zeros(2, self.queue_size, proj_dim))
+            self.register_buffer("queue_count", torch.zeros((), dtype=torch.long))
+
+    def embed(self, features: Tensor) -> Tensor:
+        """``(N, in_dim)`` -> normalised projections ``(N, proj_dim)``."""
+        return F.normalize(self.projector(features), dim=1)
 
     def scores(self, features: Tensor) -> Tensor:
         """``(N, in_dim)`` -> cosine scores ``(N, K)`` of the normalised projections against the prototypes."""
-        z = F.normalize(self.projector(features), dim=1)
+        return self._scores(self.embed(features))
+
+    def _scores(self, z: Tensor) -> Tensor:
         return z @ F.normalize(self.prototypes.weight, dim=1).t()
 
-    def codes(self, scores: Tensor) -> Tensor:
-        q = sinkhorn(scores.detach(), self.epsilon, self.iterations)
+    def codes(self, scores: Tensor, view: int | None = None) -> Tensor:
+        """Codes of ``scores (N, K)``; with a full queue and ``view`` given, Sinkhorn runs over that view's queue
+        and the batch together and the batch's rows are returned."""
+        scores = scores.detach()
+        n = scores.shape[0]
+        if view is not None and self.queue_size and int(self.queue_count) >= self.queue_size:
+            with torch.no_grad():
+                scores = torch.cat([self._scores(self.queue[view].to(scores.dtype)), scores])
+        q = sinkhorn(scores, self.epsilon, self.iterations)[-n:]  # rows sum to 1 with or without the queue
         return F.one_hot(q.argmax(1), q.shape[1]).to(q.dtype) if self.hard_codes else q
+
+    @torch.no_grad()
+    def _enqueue(self, z_s: Tensor, z_t: Tensor) -> None:
+        """Newest first, as SwAV: shift the queue by the batch and put the batch's projections in front."""
+        n = min(z_s.shape[0], self.queue_size)
+        for view, z in enumerate((z_s, z_t)):
+            self.queue[view] = torch.cat([z[:n].detach().to(self.queue.dtype), self.queue[view, : self.queue_size - n]])
+        self.queue_count.add_(z_s.shape[0])
 
     def forward(self, feats_s: Tensor, feats_t: Tensor) -> Tensor:
         """``feats_s``, ``feats_t``: ``(N, in_dim)``, row ``i`` of both from the same slice / volume."""
         if feats_s.shape != feats_t.shape or feats_s.dim() != 2 or feats_s.shape[1] != self.in_dim:
             raise ValueError(f"expected two paired (N, {self.in_dim}) feature batches, got {tuple(feats_s.shape)} "
                              f"and {tuple(feats_t.shape)}")
-        s, t = self.scores(feats_s), self.scores(feats_t)
-        q_s, q_t = self.codes(s), self.codes(t)
+        z_s, z_t = self.embed(feats_s), self.embed(feats_t)
+        s, t = self._scores(z_s), self._scores(z_t)
+        q_s, q_t = self.codes(s, view=0), self.codes(t, view=1)
+        if self.queue_size and self.training:
+            self._enqueue(z_s, z_t)
         logp_s, logp_t = F.log_softmax(s / self.temperature, dim=1), F.log_softmax(t / self.temperature, dim=1)
         if self.swapped:
             return -(q_s * logp_t).sum(1).mean() - (q_t * logp_s).sum(1).mean()
@@ -164,19 +197,22 @@ class Joint3DLoss(nn.Module):
     two augmentations ``(B, C, D, H, W)`` of the same volumes, slice ``i`` of both views from slice ``i``.
     Terms (``weights`` keys, zero or absent = not computed): ``intra`` (slices, Eq. 5), ``inter`` (volumes,
     Eq. 12), ``mask`` (Eq. 15, both views), ``graph_matching`` (``graph_matching``, e.g. ``LVMMedLoss``, on
-    the last encoder maps of the real slices; its batch and ``coords_*`` rules apply).
+    the last encoder maps of the real slices; its batch and ``coords_*`` rules apply). ``queue_size`` /
+    ``volume_queue_size``: SwAV feature queues of the slice (``intra``) and volume (``inter``) clustering terms
+    (see :class:`ClusteringAgreementLoss`; 0 = off).
     """
 
     def __init__(self, embed_dim: int, inter_dim: int, weights: Mapping[str, float] | None = None,
                  num_prototypes: int = 3000, proj_dim: int = 128, hidden_dim: int | None = 2048,
                  temperature: float = 0.1, epsilon: float = 0.05, sinkhorn_iterations: int = 3,
-                 hard_codes: bool = False, mask_ratio: float = 0.1, graph_matching: LVMMedLoss | None = None) -> None:
+                 hard_codes: bool = False, mask_ratio: float = 0.1, graph_matching: LVMMedLoss | None = None,
+                 queue_size: int = 0, volume_queue_size: int = 0) -> None:
         super().__init__()
         kw = {"num_prototypes": num_prototypes, "proj_dim": proj_dim, "hidden_dim": hidden_dim,
               "temperature": temperature, "epsilon": epsilon, "sinkhorn_iterations": sinkhorn_iterations,
               "hard_codes": hard_codes}
-        self.intra = ClusteringAgreementLoss(embed_dim, **kw)
-        self.inter = ClusteringAgreementLoss(inter_dim, **kw)
+        self.intra = ClusteringAgreementLoss(embed_dim, queue_size=queue_size, **kw)
+        self.inter = ClusteringAgreementLoss(inter_dim, queue_size=volume_queue_size, **kw)
         self.masked = MaskedSliceModeling(embed_dim, inter_dim, mask_ratio)
         self.graph_matching = graph_matching
         self.weights = dict(weights if weights is not None else {"intra": 1.0, "inter": 1.0, "mask": 1.0})

@@ -63,6 +63,47 @@ def test_clustering_agreement_is_the_swapped_prediction_of_eq3():
         loss_fn(a, b[:3])
 
 
+def test_feature_queue_is_swavs_sinkhorn_over_queue_and_batch_and_unbalances_near_duplicates():
+    """queue_size: codes = SwAV's Sinkhorn on [queue scores; batch scores], the batch's rows; the queue is used
+    once full, filled newest first in training mode only, and kept in the state dict."""
+    torch.manual_seed(0)
+    loss_fn = ClusteringAgreementLoss(8, num_prototypes=6, proj_dim=4, hidden_dim=None, queue_size=12)
+    batches = [(torch.randn(4, 8), torch.randn(4, 8)) for _ in range(4)]
+    seen = []
+    for i, (a, b) in enumerate(batches):
+        z_a = loss_fn.embed(a).detach()
+        if i == 3:  # queue full (12 = 3 batches): the codes come from Sinkhorn over the queue and the batch
+            queue_a = torch.cat(seen[::-1])  # newest first
+            assert torch.equal(loss_fn.queue[0], queue_a)
+            scores = torch.cat([queue_a, z_a]) @ F.normalize(loss_fn.prototypes.weight, dim=1).t()
+            expected = _swav_sinkhorn(scores.detach(), 0.05, 3)[-4:]
+            torch.testing.assert_close(loss_fn.codes(loss_fn._scores(z_a), view=0), expected)
+            assert not torch.allclose(expected, _swav_sinkhorn((z_a @ F.normalize(
+                loss_fn.prototypes.weight, dim=1).t()).detach(), 0.05, 3))
+        else:  # not full yet: the batch alone, as without a queue
+            torch.testing.assert_close(loss_fn.codes(loss_fn._scores(z_a), view=0),
+                                       _swav_sinkhorn(loss_fn._scores(z_a).detach(), 0.05, 3))
+        loss_fn(a, b)
+        seen.append(z_a)
+    assert int(loss_fn.queue_count) == 16 and {"queue", "queue_count"} <= set(loss_fn.state_dict())
+    before = loss_fn.queue.clone()
+    loss_fn.eval()
+    loss_fn(*batches[0])
+    assert torch.equal(loss_fn.queue, before)  # evaluation does not fill the queue
+    # a batch of near-duplicates (slices of one volume): alone, the equal partition spreads its codes over every
+    # prototype; with a queue of diverse samples they may share one prototype, as they should
+    dup = ClusteringAgreementLoss(8, num_prototypes=6, proj_dim=4, hidden_dim=None, queue_size=64)
+    dup.train()
+    for _ in range(4):
+        dup(torch.randn(16, 8) * 3, torch.randn(16, 8) * 3)
+    near = torch.randn(1, 8) + 0.01 * torch.randn(8, 8)
+    scores = dup.scores(near)
+    alone, queued = dup.codes(scores).mean(0), dup.codes(scores, view=0).mean(0)
+    assert alone.max() < 0.25 < queued.max()  # near uniform (1/6 each) alone, concentrated with the queue
+    with pytest.raises(ValueError, match="queue_size"):
+        ClusteringAgreementLoss(8, queue_size=-1)
+
+
 def test_mask_picks_ten_percent_of_real_slices():
     mm = MaskedSliceModeling(8, 4, mask_ratio=0.1)
     kpm = torch.arange(40)[None] >= torch.tensor([40, 25, 3, 1])[:, None]

@@ -68,15 +68,18 @@ class LVMMedHybridBackbone(SliceEncoderBase):
         encoder: "lvmmed_resnet50" or "lvmmed_vit_b". weights: the encoder's LVM-Med weights (None = random).
         in_channels: channels ``C`` of the volumes. slice_chunk: slices per f_intra call (None = all).
         inter_kwargs: arguments of :class:`~lvmmed_monai.networks.inter_slice.InterSliceTransformer`.
+        multi_feature: the slice embedding concatenates the pooled levels of every block (Eq. 9, default) or
+            takes the last block's alone (False: the "w/o multi-feature" ablation).
         encoder_kwargs: extra encoder arguments (e.g. ``img_size`` for the ViT).
     """
 
     def __init__(self, encoder: str = "lvmmed_resnet50", weights: Weights = None, in_channels: int = 1,
                  slice_chunk: int | None = 32, inter_kwargs: Mapping[str, Any] | None = None,
-                 strict: bool = True, **encoder_kwargs: Any) -> None:
+                 strict: bool = True, multi_feature: bool = True, **encoder_kwargs: Any) -> None:
         super().__init__()
         self._spec(encoder)
         self.encoder_name, self.in_channels, self.slice_chunk = encoder, in_channels, slice_chunk
+        self.multi_feature = bool(multi_feature)
         self.encoder = load_encoder(encoder, weights=weights, in_channels=in_channels, strict=strict,
                                     **encoder_kwargs)
         self.inter = InterSliceTransformer(self.embed_dim, **dict(inter_kwargs or {}))
@@ -98,8 +101,10 @@ class LVMMedHybridClassifier(LVMMedHybridBackbone):
 
     def __init__(self, num_classes: int, encoder: str = "lvmmed_resnet50", weights: Weights = None,
                  in_channels: int = 1, hidden_dim: int = 512, dropout: float = 0.0, slice_chunk: int | None = 32,
-                 inter_kwargs: Mapping[str, Any] | None = None, strict: bool = True, **encoder_kwargs: Any) -> None:
-        super().__init__(encoder, weights, in_channels, slice_chunk, inter_kwargs, strict, **encoder_kwargs)
+                 inter_kwargs: Mapping[str, Any] | None = None, strict: bool = True, multi_feature: bool = True,
+                 **encoder_kwargs: Any) -> None:
+        super().__init__(encoder, weights, in_channels, slice_chunk, inter_kwargs, strict, multi_feature,
+                         **encoder_kwargs)
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.head = nn.Sequential(nn.Linear(self.inter.out_dim, hidden_dim), nn.ReLU(inplace=True),
@@ -127,15 +132,18 @@ class LVMMedHybridSegNet(SliceEncoderBase):
         deep_supervision: the flag nnU-Net switches (``net2d.decoder.deep_supervision``).
         inter_kwargs: arguments of :class:`~lvmmed_monai.networks.inter_slice.InterSliceTransformer`.
         net2d_kwargs: extra arguments of the 2D network (e.g. ``img_size``, ``decoder_channels``).
+        multi_feature: as for :class:`LVMMedHybridBackbone` (the same value as the pretrained backbone's).
     """
 
     def __init__(self, in_channels: int, out_channels: int, encoder: str = "lvmmed_resnet50", weights: Weights = None,
                  slice_chunk: int | None = 32, ds_scales: Sequence[Sequence[float]] | None = None,
                  deep_supervision: bool = True, inter_kwargs: Mapping[str, Any] | None = None,
-                 strict: bool = True, net2d_kwargs: Mapping[str, Any] | None = None) -> None:
+                 strict: bool = True, net2d_kwargs: Mapping[str, Any] | None = None,
+                 multi_feature: bool = True) -> None:
         super().__init__()
         spec = self._spec(encoder)
         self.encoder_name, self.in_channels, self.slice_chunk = encoder, in_channels, slice_chunk
+        self.multi_feature = bool(multi_feature)
         kw = dict(net2d_kwargs or {}, in_channels=in_channels, out_channels=out_channels, weights=weights,
                   strict=strict)
         self.ds_scales = None if ds_scales is None else [list(map(float, s)) for s in ds_scales]

@@ -20,10 +20,12 @@ from lvmmed_monai.networks.padding import pad_to_multiple
 
 __all__ = ["ENCODER_LEVELS", "SliceEmbeddings", "SliceEncoderBase", "Weights", "gather_rows", "scatter_rows"]
 
-# per encoder: channels of the levels f_intra returns, the levels that get context, the input stride
+# per encoder: channels of the levels f_intra returns, the levels that get context, the input stride, and the
+# last block (ResNet-50 layer4, ViT block 12; the ViT's neck comes after it): the single-level embedding of the
+# "w/o multi-feature" ablation and the maps the slice graph-matching term reads
 ENCODER_LEVELS: dict[str, dict[str, tuple[int, ...] | int]] = {
-    "lvmmed_resnet50": {"channels": (64, 256, 512, 1024, 2048), "context": (1, 2, 3, 4), "stride": 32},
-    "lvmmed_vit_b": {"channels": (768, 768, 768, 768, 256), "context": (0, 1, 2, 4), "stride": 16},
+    "lvmmed_resnet50": {"channels": (64, 256, 512, 1024, 2048), "context": (1, 2, 3, 4), "stride": 32, "last": 4},
+    "lvmmed_vit_b": {"channels": (768, 768, 768, 768, 256), "context": (0, 1, 2, 4), "stride": 16, "last": 3},
 }
 Weights = str | os.PathLike | Mapping[str, Any] | None
 
@@ -63,6 +65,7 @@ class SliceEncoderBase(nn.Module):
     slice_chunk: int | None
     inter: InterSliceTransformer
     frozen_intra: bool = False  # True keeps f_intra in eval mode (BatchNorm statistics frozen) under train()
+    multi_feature: bool = True  # Eq. 9's concatenation of every level; False: the last block only (the ablation)
 
     @property
     def f_intra(self) -> nn.Module:
@@ -82,8 +85,9 @@ class SliceEncoderBase(nn.Module):
 
     @property
     def embed_dim(self) -> int:
-        """``F_in``, the width of ``Y``."""
-        return sum(ENCODER_LEVELS[self.encoder_name]["channels"])
+        """``F_in``, the width of ``Y`` (every level's channels, or the last block's without multi-feature)."""
+        spec = ENCODER_LEVELS[self.encoder_name]
+        return sum(spec["channels"]) if self.multi_feature else spec["channels"][spec["last"]]
 
     def check_volume(self, x: Tensor, lengths: Tensor | Sequence[int] | None) -> tuple[Tensor, Tensor | None]:
         """Validate ``(B, C, D, H, W)`` and ``lengths``; return the key padding mask and the real-slice index."""
@@ -130,9 +134,11 @@ class SliceEncoderBase(nn.Module):
             return [*blocks, neck]
         return list(self.f_intra(slices))
 
-    @staticmethod
-    def pool_levels(levels: list[Tensor]) -> Tensor:
-        """Eq. 9: the slice embedding is the concatenation of every level's global average, ``(n, F_in)``."""
+    def pool_levels(self, levels: list[Tensor]) -> Tensor:
+        """Eq. 9: the slice embedding is the concatenation of every level's global average, ``(n, F_in)``; the
+        last block's average alone with ``multi_feature=False`` (the joint 2D-3D paper's "w/o multi-feature")."""
+        if not self.multi_feature:
+            return levels[int(ENCODER_LEVELS[self.encoder_name]["last"])].mean(dim=(-2, -1))
         return torch.cat([f.mean(dim=(-2, -1)) for f in levels], dim=1)
 
     def slice_embeddings(self, x: Tensor, lengths: Tensor | Sequence[int] | None = None,
@@ -146,7 +152,7 @@ class SliceEncoderBase(nn.Module):
             levels = self.level_features(slices[part])
             embeds.append(self.pool_levels(levels))
             if return_maps:
-                maps.append(levels[-2] if self.encoder_name == "lvmmed_vit_b" else levels[-1])
+                maps.append(levels[int(ENCODER_LEVELS[self.encoder_name]["last"])])
         y = scatter_rows(torch.cat(embeds), index, b * d).view(b, d, -1)
         return SliceEmbeddings(y, kpm, index, torch.cat(maps) if return_maps else None)
 

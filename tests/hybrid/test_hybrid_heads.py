@@ -61,3 +61,27 @@ def test_vit_hybrid_is_the_vit_unetr_with_zero_context():
     assert net.embed_dim == 3328
     with pytest.raises(ValueError, match="one output"):
         LVMMedHybridSegNet(1, 2, encoder="lvmmed_vit_b", ds_scales=[[1, 1, 1]])
+
+
+def test_without_multi_feature_the_slice_embedding_is_the_last_blocks_pooled_map():
+    """multi_feature=False (the joint 2D-3D paper's "w/o multi-feature"): Y_i = GAP(layer4) (ResNet-50), width
+    2048 instead of the five blocks' 3904; the networks build f_inter on that width and run."""
+    from lvmmed_monai.ssl.joint3d import Joint3DLoss
+
+    torch.manual_seed(0)
+    full = LVMMedHybridBackbone(inter_kwargs=SMALL_INTER).eval()
+    last = LVMMedHybridBackbone(inter_kwargs=SMALL_INTER, multi_feature=False).eval()
+    last.encoder.load_state_dict(full.encoder.state_dict())
+    assert (full.embed_dim, last.embed_dim) == (3904, 2048)
+    x = torch.rand(2, 1, 3, 32, 32)
+    with torch.no_grad():
+        y_full, y_last = full.slice_embeddings(x).y, last.slice_embeddings(x).y
+        layer4 = full.encoder(x.transpose(1, 2).reshape(6, 1, 32, 32))[-1].mean((-2, -1)).view(2, 3, -1)
+    torch.testing.assert_close(y_last, layer4)
+    torch.testing.assert_close(y_full[..., -2048:], y_last)  # the last block is the tail of Eq. 9's concatenation
+    assert [h.shape[-1] for h in last(x)] == [h.shape[-1] for h in full(x)]
+    assert LVMMedHybridClassifier(3, inter_kwargs=SMALL_INTER, multi_feature=False)(x).shape == (2, 3)
+    seg = LVMMedHybridSegNet(1, 2, inter_kwargs=SMALL_INTER, multi_feature=False)
+    assert seg.embed_dim == 2048 and seg(x).shape == (2, 2, 3, 32, 32)
+    loss = Joint3DLoss.for_network(last.train(), num_prototypes=8, hidden_dim=None)
+    assert loss.intra.in_dim == 2048 and torch.isfinite(loss(last, x, x.flip(-1)).loss)

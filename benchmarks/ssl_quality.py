@@ -41,7 +41,6 @@ import json
 import shutil
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -130,12 +129,10 @@ def pretrain(method: str, args: argparse.Namespace, data: Path, out: Path, probe
         epoch += 1
         for batch in loader:
             it += 1
-            if warmup is not None:
-                warmup(SimpleNamespace(state=SimpleNamespace(iteration=it)))
             gen.manual_seed(derive_seed(args.seed, it, 0))
             x = view_inputs(batch, device)
             model.train()
-            loss, stats = model(**x, generator=gen)
+            loss, stats = model(**x, generator=gen, **(warmup.overrides(it) if warmup is not None else {}))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), float(clip) if clip else float("inf"))
@@ -164,7 +161,7 @@ class _ContrastiveModel(torch.nn.Module):
         self.encoder, self.criterion = encoder, criterion
 
     def forward(self, image_s, image_t, coords_s=None, coords_t=None, generator=None, local_images=(),
-                local_coords=()):
+                local_coords=(), **overrides):
         n = image_s.shape[0]
         feats = self.encoder.feature_map(torch.cat([image_s, image_t]))
         return self.criterion(feats[:n], feats[n:])

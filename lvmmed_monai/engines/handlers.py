@@ -147,9 +147,13 @@ class FirstOrderWarmup:
     With fresh views every epoch, 150 iterations were not enough for either (see docs/ssl.md). The switch
     depends on the iteration count only, so a resumed run switches at the same iteration.
 
+    It changes nothing on the criterion: at every iteration start it puts this iteration's overrides in
+    ``engine.state.loss_overrides`` (``{"second_order": False, "noise_scale": 0.0}`` during the warm-up, ``{}``
+    after), which :class:`~lvmmed_monai.engines.LVMMedPretrainTrainer` passes to the model's forward; a loop
+    of one's own calls :meth:`overrides` with the iteration.
+
     Args:
-        criterion: the :class:`~lvmmed_monai.ssl.LVMMedLoss` (its ``second_order`` and ``noise_scale`` are
-            set at every iteration start).
+        criterion: the :class:`~lvmmed_monai.ssl.LVMMedLoss` (read for the log line: its configured objective).
         iterations: warm-up length (0: no warm-up, the paper's objective from the first iteration).
     """
 
@@ -163,10 +167,12 @@ class FirstOrderWarmup:
         if self.iterations:
             engine.add_event_handler(Events.ITERATION_STARTED, self)
 
+    def overrides(self, iteration: int) -> dict:
+        """The criterion overrides of ``iteration`` (counted from 1, as ignite does)."""
+        return {"second_order": False, "noise_scale": 0.0} if iteration <= self.iterations else {}
+
     def __call__(self, engine: Engine) -> None:
-        warm = engine.state.iteration <= self.iterations  # ignite counts iterations from 1
-        self.criterion.second_order = False if warm else self.second_order
-        self.criterion.noise_scale = 0.0 if warm else self.noise_scale
+        engine.state.loss_overrides = self.overrides(engine.state.iteration)
         if engine.state.iteration == self.iterations + 1:
             logger.info("first-order warm-up done after %d iterations: second_order=%s, noise_scale=%s",
                         self.iterations, self.second_order, self.noise_scale)

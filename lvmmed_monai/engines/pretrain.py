@@ -122,9 +122,11 @@ class LVMMedPretrainModel(nn.Module):
     ``imle_step="per_graph"`` (default) IMLE's step does not depend on how the graphs are spread over
     processes, and DDP's gradient averaging does the rest. With ``"per_loss"`` the backward solve moves the
     costs by ``lam * dL/dX``, and with ``reduction="mean"`` dL/dX carries ``1 / G`` for the ``G`` graphs of a
-    process, not of the global batch; so ``lam`` is divided by ``world_size`` (the gradient, ``(X - X') / lam``,
-    then comes out ``world_size`` times larger, which DDP's averaging undoes). With ``reduction="sum"`` the
-    loss is also multiplied by ``world_size``.
+    process, not of the global batch; so the model passes ``lam / world_size`` to each match (``imle_lam``;
+    the criterion's own ``lam`` is left as configured; the gradient, ``(X - X') / lam``, then comes out
+    ``world_size`` times larger, which DDP's averaging undoes). With ``reduction="sum"`` the loss is also
+    multiplied by ``world_size``. ``second_order`` / ``noise_scale`` in ``forward`` override the criterion's for
+    one step (:class:`~lvmmed_monai.engines.FirstOrderWarmup`).
 
     Multi-crop (``local_images``, the paper's "multi-crop techniques as [VICRegL]"): local crop ``j`` of every
     image forms its own graphs, matched against the global view ``s`` (even ``j``) or ``t`` (odd ``j``) with
@@ -146,13 +148,14 @@ class LVMMedPretrainModel(nn.Module):
                              f"{encoder.feature_dim}; set in_dim to it (2048 for ResNet-50, 768 for ViT-B)")
         self.encoder, self.criterion = encoder, criterion
         self.world_size = int(world_size if world_size is not None else get_world_size())
-        if getattr(criterion, "imle_step", "per_loss") == "per_loss":
-            self.criterion.lam = criterion.lam / self.world_size
+        per_loss = getattr(criterion, "imle_step", "per_loss") == "per_loss"
+        self.imle_lam = criterion.lam / self.world_size if per_loss else criterion.lam
 
     def forward(self, image_s: torch.Tensor, image_t: torch.Tensor, coords_s: torch.Tensor,
                 coords_t: torch.Tensor, generator: torch.Generator | None = None,
-                local_images: Sequence[torch.Tensor] = (), local_coords: Sequence[torch.Tensor] = ()
-                ) -> LVMMedLossOutput:
+                local_images: Sequence[torch.Tensor] = (), local_coords: Sequence[torch.Tensor] = (),
+                second_order: bool | None = None, noise_scale: float | None = None) -> LVMMedLossOutput:
+        over = {"second_order": second_order, "noise_scale": noise_scale, "lam": self.imle_lam}
         n = image_s.shape[0]
         if image_s.shape == image_t.shape:  # one encoder pass for both views
             feats = self.encoder.feature_map(torch.cat([image_s, image_t]))
@@ -160,7 +163,7 @@ class LVMMedPretrainModel(nn.Module):
         else:
             feats_s, feats_t = self.encoder.feature_map(image_s), self.encoder.feature_map(image_t)
         aff = self.criterion.affinities(feats_s, feats_t, coords_s, coords_t)
-        loss, stats = self.criterion.match(aff, generator)
+        loss, stats = self.criterion.match(aff, generator, **over)
         if len(local_images) != len(local_coords):
             raise ValueError(f"{len(local_images)} local crops but {len(local_coords)} coordinate maps")
         if local_images:
@@ -170,7 +173,8 @@ class LVMMedPretrainModel(nn.Module):
             losses = [loss]
             for j, (f_l, c_l) in enumerate(zip(feats_l, local_coords, strict=True)):
                 f_g, c_g = (feats_s, coords_s) if j % 2 == 0 else (feats_t, coords_t)
-                losses.append(self.criterion.match(self.criterion.affinities(f_g, f_l, c_g, c_l), generator).loss)
+                aff_l = self.criterion.affinities(f_g, f_l, c_g, c_l)
+                losses.append(self.criterion.match(aff_l, generator, **over).loss)
             loss = torch.stack(losses).mean()
         with torch.no_grad():  # noise-free view retrieval: is each image's best c_v partner its own other view?
             best = aff.c_v.detach().argmax(-1)
@@ -276,8 +280,9 @@ class LVMMedPretrainTrainer(SupervisedTrainer):
         self.generator.manual_seed(derive_seed(self.seed, engine.state.iteration, self.rank))
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=True)
+        overrides = getattr(engine.state, "loss_overrides", None) or {}  # FirstOrderWarmup's, this iteration
         with torch.autocast(engine.state.device.type, dtype=torch.float16, enabled=self.use_amp):
-            loss, stats = engine.network(**x, generator=self.generator)
+            loss, stats = engine.network(**x, generator=self.generator, **overrides)
         self.grad_scaler.scale(loss).backward()
         self.grad_scaler.unscale_(engine.optimizer)
         params = [p for g in engine.optimizer.param_groups for p in g["params"]]

@@ -15,14 +15,15 @@ is scaled back, so it is still an estimate of ``dL/dc``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from lvmmed_monai.ssl.matching import lawler_from_edges, solve_lap, solve_qap
+from lvmmed_monai.ssl.matching import lawler_edges, pair_products, solve_lap, solve_qap
 
-__all__ = ["imle_qap", "hamming_loss", "gumbel_noise", "NOISE_KINDS", "STEP_KINDS"]
+__all__ = ["imle_qap", "hamming_loss", "gumbel_noise", "IMLESettings", "NOISE_KINDS", "STEP_KINDS"]
 
 NOISE_KINDS = ("gumbel", "constant", "none")
 STEP_KINDS = ("per_graph", "per_loss")
@@ -35,75 +36,89 @@ def gumbel_noise(shape: tuple[int, ...], ref: Tensor, generator: torch.Generator
     return -torch.log(-torch.log(u.clamp(tiny, 1.0 - 1e-7)))
 
 
-def _pair_products(x: Tensor, edges_s: Tensor, edges_t: Tensor) -> Tensor:
-    """``X[i_e, a_f] * X[j_e, b_f]`` for every edge pair, ``(S, G, n, n) -> (S, G, E, F)``: the derivative of
-    the Eq. 4 objective with respect to ``c_e[e, f]``."""
-    s, g, n, _ = x.shape
-    first = edges_s[:, :, None, 0] * n + edges_t[:, None, :, 0]  # (G, E, F): pairing (i_e, a_f)
-    second = edges_s[:, :, None, 1] * n + edges_t[:, None, :, 1]  # (G, E, F): pairing (j_e, b_f)
-    xf = x.reshape(s, g, n * n)
+@dataclass(frozen=True)
+class IMLESettings:
+    """What one :func:`imle_qap` call solves with (see its arguments); fixed for the call's forward and backward."""
 
-    def take(idx: Tensor) -> Tensor:
-        return xf.gather(2, idx.reshape(1, g, -1).expand(s, -1, -1)).view(s, *idx.shape)
-
-    return take(first) * take(second)
+    lam: float
+    step: str
+    noise: str
+    noise_scale: float
+    num_samples: int
+    method: str
+    second_order: bool
+    constant: float
+    check_inputs: bool
+    c_v_dtype: torch.dtype
+    c_e_dtype: torch.dtype
+    solver_options: dict = field(default_factory=dict)
 
 
 class _IMLEQAP(torch.autograd.Function):
     """Algorithm 1: the forward pass solves the perturbed matching, the backward pass the target one."""
 
     @staticmethod
-    def forward(ctx: Any, c_v: Tensor, c_e: Tensor, edges_s: Tensor, edges_t: Tensor, cfg: dict) -> Tensor:
-        s, (g, n, _) = cfg["num_samples"], c_v.shape
+    def forward(ctx: Any, c_v: Tensor, c_e: Tensor, edges_s: Tensor, edges_t: Tensor, cfg: IMLESettings,
+                generator: torch.Generator | None) -> Tensor:
+        s, (g, n, _) = cfg.num_samples, c_v.shape
         cv, ce = c_v.detach().float(), c_e.detach().float()
-        if cfg["noise"] == "gumbel":
-            tau = cfg["noise_scale"]
-            eps = tau * gumbel_noise((s, g, n, n), cv, cfg["generator"])
-            eps_e = tau * gumbel_noise((s, *ce.shape), cv, cfg["generator"]) if cfg["second_order"] else None
+        if cfg.noise == "gumbel":
+            tau = cfg.noise_scale
+            eps = tau * gumbel_noise((s, g, n, n), cv, generator)
+            eps_e = tau * gumbel_noise((s, *ce.shape), cv, generator) if cfg.second_order else None
         else:
-            value = cfg["noise_scale"] * cfg["constant"] if cfg["noise"] == "constant" else 0.0
+            value = cfg.noise_scale * cfg.constant if cfg.noise == "constant" else 0.0
             eps = cv.new_full((s, g, n, n), value)
-            eps_e = ce.new_full((s, *ce.shape), value) if cfg["second_order"] else None
-        x = _solve(cv + eps, ce + eps_e if eps_e is not None else None, edges_s, edges_t, cfg)
+            eps_e = ce.new_full((s, *ce.shape), value) if cfg.second_order else None
+        # the edge part of the Lawler matrix is the same in the forward and the backward solve: built once
+        edge_part = _edge_part(ce + eps_e, edges_s, edges_t, n, cfg) if eps_e is not None else None
+        x = _solve(cv + eps, edge_part, cfg)
         ctx.cfg = cfg
-        eps_e = eps_e if eps_e is not None else cv.new_zeros(0)
-        ctx.save_for_backward(cv, ce, eps, eps_e, x, edges_s, edges_t)
+        ctx.save_for_backward(cv, eps, x, edges_s, edges_t, *(() if edge_part is None else (edge_part,)))
         return x[0].to(c_v.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_x: Tensor) -> tuple[Tensor | None, ...]:
-        cv, ce, eps, eps_e, x_fwd, edges_s, edges_t = ctx.saved_tensors
-        cfg, lam = ctx.cfg, ctx.cfg["lam"]
+        cv, eps, x_fwd, edges_s, edges_t, *edge_part = ctx.saved_tensors
+        cfg = ctx.cfg
+        lam = cfg.lam
         grad_x = grad_x.float()
         scale = grad_x.new_ones(grad_x.shape[0], 1, 1)  # (G, 1, 1): what lam is relative to, per graph
-        if cfg["step"] == "per_graph":
+        if cfg.step == "per_graph":
             scale = grad_x.abs().mean((1, 2), keepdim=True)
             grad_x = torch.where(scale > 0, grad_x / scale.clamp_min(1e-30), torch.zeros_like(grad_x))
         # (c_v + eps, c_e + eps') - lam * dL/dX: the loss depends on X only, so only the vertex term moves
         target_v = cv + eps - lam * grad_x
-        x_bwd = _solve(target_v, ce + eps_e if cfg["second_order"] else None, edges_s, edges_t, cfg)
+        x_bwd = _solve(target_v, edge_part[0] if edge_part else None, cfg)
         grad_v = grad_e = None
         if ctx.needs_input_grad[0]:
-            grad_v = ((x_fwd - x_bwd).mean(0) * scale / lam).to(cfg["c_v_dtype"])
+            grad_v = ((x_fwd - x_bwd).mean(0) * scale / lam).to(cfg.c_v_dtype)
         if ctx.needs_input_grad[1]:
-            if cfg["second_order"]:
-                diff = _pair_products(x_fwd, edges_s, edges_t) - _pair_products(x_bwd, edges_s, edges_t)
+            if cfg.second_order:
+                diff = pair_products(x_fwd, edges_s, edges_t) - pair_products(x_bwd, edges_s, edges_t)
                 grad_e = diff.mean(0) * scale / lam
             else:
-                grad_e = torch.zeros_like(ce)
-            grad_e = grad_e.to(cfg["c_e_dtype"])
-        return grad_v, grad_e, None, None, None
+                grad_e = cv.new_zeros(cv.shape[0], edges_s.shape[1], edges_t.shape[1])
+            grad_e = grad_e.to(cfg.c_e_dtype)
+        return grad_v, grad_e, None, None, None, None
 
 
-def _solve(v: Tensor, e: Tensor | None, edges_s: Tensor, edges_t: Tensor, cfg: dict) -> Tensor:
-    """Matchings for S noise samples at once: ``v`` (S, G, n, n), ``e`` (S, G, E, F) -> (S, G, n, n)."""
-    s, g, n, _ = v.shape
-    if e is None:  # "w/o second-order" ablation: the LAP on the vertex term
-        return solve_lap(v.reshape(s * g, n, n)).view(s, g, n, n)
+def _edge_part(e: Tensor, edges_s: Tensor, edges_t: Tensor, n: int, cfg: IMLESettings) -> Tensor:
+    """Edge part of the Lawler matrices of S noise samples: ``e`` (S, G, E, F) -> (S * G, n*n, n*n)."""
+    s, g = e.shape[:2]
     rep = (s, 1, 1)
-    es, et = edges_s.repeat(rep), edges_t.repeat(rep)
-    K = lawler_from_edges(v.reshape(s * g, n, n), e.reshape(s * g, *e.shape[2:]), es, et)
-    return solve_qap(K, n, method=cfg["method"], **cfg["solver_options"]).view(s, g, n, n)
+    return lawler_edges(e.reshape(s * g, *e.shape[2:]), edges_s.repeat(rep), edges_t.repeat(rep), n,
+                        check_indices=cfg.check_inputs)
+
+
+def _solve(v: Tensor, edge_part: Tensor | None, cfg: IMLESettings) -> Tensor:
+    """Matchings for S noise samples at once: ``v`` (S, G, n, n) and the edge part of their Lawler matrices
+    (S * G, n*n, n*n), or None for the LAP ablation -> (S, G, n, n)."""
+    s, g, n, _ = v.shape
+    if edge_part is None:  # "w/o second-order" ablation: the LAP on the vertex term
+        return solve_lap(v.reshape(s * g, n, n)).view(s, g, n, n)
+    K = edge_part + torch.diag_embed(v.reshape(s * g, n * n))
+    return solve_qap(K, n, method=cfg.method, check_inputs=cfg.check_inputs, **cfg.solver_options).view(s, g, n, n)
 
 
 def imle_qap(
@@ -122,6 +137,7 @@ def imle_qap(
     constant: float = 0.5772156649,
     generator: torch.Generator | None = None,
     solver_options: dict | None = None,
+    check_inputs: bool = True,
 ) -> Tensor:
     """Perturbed graph matching ``GM(c_v + eps, c_e + eps')`` with IMLE gradients (Eq. 6, Algorithm 1).
 
@@ -151,6 +167,8 @@ def imle_qap(
             then gets a zero gradient.
         method: QAP solver of :func:`~lvmmed_monai.ssl.matching.solve_qap`; solver_options go to it.
         generator: optional torch.Generator (on c_v's device) for reproducible noise.
+        check_inputs: check c_v, c_e for NaN/Inf and the edges' node indices (host syncs; shapes and dtypes
+            are always checked).
 
     Returns:
         ``(G, n, n)`` 0/1 matching in c_v's dtype. Backward: ``dL/dc_v = mean_s (X_fwd - X_bwd) / lam`` and
@@ -172,23 +190,14 @@ def imle_qap(
         raise ValueError(f"c_e must have shape (G, E, F) with G = {c_v.shape[0]}, got {tuple(c_e.shape)}")
     if not (c_v.is_floating_point() and c_e.is_floating_point()):
         raise ValueError(f"c_v and c_e must be floating point, got {c_v.dtype} and {c_e.dtype}")
-    if not bool(torch.isfinite(c_v).all()) or not bool(torch.isfinite(c_e).all()):
+    if check_inputs and (not bool(torch.isfinite(c_v).all()) or not bool(torch.isfinite(c_e).all())):
         raise ValueError("c_v or c_e contains NaN or inf values")
-    cfg = {
-        "lam": float(lam),
-        "step": step,
-        "noise": noise,
-        "noise_scale": float(noise_scale),
-        "num_samples": int(num_samples),
-        "method": method,
-        "second_order": bool(second_order),
-        "constant": float(constant),
-        "generator": generator,
-        "solver_options": dict(solver_options or {}),
-        "c_v_dtype": c_v.dtype,
-        "c_e_dtype": c_e.dtype,
-    }
-    return _IMLEQAP.apply(c_v, c_e, edges_s.long(), edges_t.long(), cfg)
+    cfg = IMLESettings(
+        lam=float(lam), step=step, noise=noise, noise_scale=float(noise_scale), num_samples=int(num_samples),
+        method=method, second_order=bool(second_order), constant=float(constant), check_inputs=bool(check_inputs),
+        c_v_dtype=c_v.dtype, c_e_dtype=c_e.dtype, solver_options=dict(solver_options or {}),
+    )
+    return _IMLEQAP.apply(c_v, c_e, edges_s.long(), edges_t.long(), cfg, generator)
 
 
 def hamming_loss(X: Tensor, target: Tensor | None = None) -> Tensor:

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from lvmmed_monai.ssl.affinity import EDGE_FORMS, edge_affinity, num_kept, vertex_affinity
 from lvmmed_monai.ssl.graph import GCN, GCN_FORMS, Projector, knn_adjacency, knn_graph, normalized_adjacency
 from lvmmed_monai.ssl.imle import STEP_KINDS, hamming_loss, imle_qap
-from lvmmed_monai.ssl.matching import lawler_from_edges, qap_objective
+from lvmmed_monai.ssl.matching import pair_products
 from lvmmed_monai.ssl.views import pool_coords
 
 __all__ = ["LVMMedLoss", "LVMMedLossOutput", "GraphAffinities"]
@@ -87,7 +87,8 @@ class LVMMedLoss(nn.Module):
         imle_step: "per_graph" (lam per graph, independent of the batch) or "per_loss" (lam relative to the
             reduced loss's gradient: lam / G per graph with "mean"); see the module docstring.
         check_inputs: check for NaN/Inf features and coordinates outside ``[0, 1]`` (on the pooled
-            tensors, where any NaN/Inf propagates; one host sync per step).
+            tensors, where any NaN/Inf propagates) and, in IMLE, for NaN/Inf affinities and edge indices outside
+            the graph: host syncs per step; False skips them (e.g. a tuned GPU run).
         max_local_elements: chunking threshold of the local cost (see ``local_affinity``).
         edge_min_norm: floor of the embedding-difference norms in the edge affinity (see
             :func:`~lvmmed_monai.ssl.affinity.edge_affinity`: it bounds the gradient of near-duplicate edges).
@@ -237,27 +238,37 @@ class LVMMedLoss(nn.Module):
         grid = pool_coords(coords.float(), feats.shape[-2:])
         return grid.flatten(2).transpose(1, 2).reshape(g, n, -1, 2)
 
-    def match(self, aff: GraphAffinities, generator: torch.Generator | None = None) -> LVMMedLossOutput:
-        """Perturbed matching with IMLE gradients (Eq. 4, 6) and the Hamming loss to the identity (Eq. 5)."""
+    def match(
+        self, aff: GraphAffinities, generator: torch.Generator | None = None, *, second_order: bool | None = None,
+        noise_scale: float | None = None, lam: float | None = None,
+    ) -> LVMMedLossOutput:
+        """Perturbed matching with IMLE gradients (Eq. 4, 6) and the Hamming loss to the identity (Eq. 5).
+
+        ``second_order``, ``noise_scale`` and ``lam`` override the configured values for this call only (None:
+        the configured one), e.g. :class:`~lvmmed_monai.engines.FirstOrderWarmup`'s noise-free first-order
+        iterations; the criterion itself is never changed, so what the config says is what it holds.
+        """
+        second_order = self.second_order if second_order is None else bool(second_order)
         x = imle_qap(
-            aff.c_v, aff.c_e, aff.edges_s, aff.edges_t, lam=self.lam, step=self.imle_step,
-            noise="gumbel" if self.gumbel else "constant", noise_scale=self.noise_scale, num_samples=self.num_samples,
-            second_order=self.second_order, method=self.method, generator=generator,
+            aff.c_v, aff.c_e, aff.edges_s, aff.edges_t, lam=self.lam if lam is None else lam, step=self.imle_step,
+            noise="gumbel" if self.gumbel else "constant",
+            noise_scale=self.noise_scale if noise_scale is None else noise_scale, num_samples=self.num_samples,
+            second_order=second_order, method=self.method, generator=generator, check_inputs=self.check_inputs,
         )
         per_graph = hamming_loss(x)
         loss = per_graph.mean() if self.reduction == "mean" else per_graph.sum()
-        return LVMMedLossOutput(loss, self._stats(aff, x.detach(), per_graph.detach()))
+        return LVMMedLossOutput(loss, self._stats(aff, x.detach(), per_graph.detach(), second_order))
 
-    def _stats(self, aff: GraphAffinities, x: Tensor, per_graph: Tensor) -> dict[str, Tensor]:
+    def _stats(self, aff: GraphAffinities, x: Tensor, per_graph: Tensor, second_order: bool) -> dict[str, Tensor]:
         with torch.no_grad():
             diag = x.diagonal(dim1=1, dim2=2)
             eye = torch.eye(x.shape[-1], device=x.device).expand_as(x)
             c_v = aff.c_v.detach()
-            if self.second_order:
-                K = lawler_from_edges(c_v, aff.c_e.detach(), aff.edges_s, aff.edges_t)
-                obj, obj_id = qap_objective(K, x), qap_objective(K, eye)
-            else:
-                obj, obj_id = (c_v * x).sum((1, 2)), c_v.diagonal(dim1=1, dim2=2).sum(1)
+            obj, obj_id = (c_v * x).sum((1, 2)), c_v.diagonal(dim1=1, dim2=2).sum(1)
+            if second_order:  # + sum c_e X X over edge pairs, from the edge lists (no n^2 x n^2 Lawler matrix)
+                c_e = aff.c_e.detach()
+                obj = obj + (c_e * pair_products(x[None], aff.edges_s, aff.edges_t)[0]).sum((1, 2))
+                obj_id = obj_id + (c_e * pair_products(eye[None], aff.edges_s, aff.edges_t)[0]).sum((1, 2))
             return {
                 "accuracy": diag.mean(), "identity_rate": (diag > 0.5).all(-1).float().mean(),
                 "objective": obj.mean(), "identity_objective": obj_id.mean(), "hamming": per_graph.mean(),
@@ -270,8 +281,10 @@ class LVMMedLoss(nn.Module):
         coords_s: Tensor | None = None,
         coords_t: Tensor | None = None,
         generator: torch.Generator | None = None,
+        **overrides: float | bool | None,
     ) -> LVMMedLossOutput:
-        """One step's loss.
+        """One step's loss (``overrides``: ``second_order``, ``noise_scale``, ``lam`` for this call, see
+        :meth:`match`).
 
         Args:
             feats_s, feats_t: ``(N, D, R, S)`` encoder maps of the two views (sample i of both = image i;
@@ -284,4 +297,4 @@ class LVMMedLoss(nn.Module):
         Returns:
             :class:`LVMMedLossOutput` ``(loss, stats)``.
         """
-        return self.match(self.affinities(feats_s, feats_t, coords_s, coords_t), generator)
+        return self.match(self.affinities(feats_s, feats_t, coords_s, coords_t), generator, **overrides)

@@ -13,42 +13,70 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["lawler_from_edges", "qap_objective", "solve_lap", "solve_qap", "lvmmed_qap", "QAP_SOLVERS"]
+__all__ = ["lawler_from_edges", "lawler_edges", "pair_products", "qap_objective", "solve_lap", "solve_qap",
+           "lvmmed_qap", "QAP_SOLVERS"]
 
 
-def lawler_from_edges(c_v: Tensor, c_e: Tensor, edges_s: Tensor, edges_t: Tensor) -> Tensor:
+def lawler_from_edges(
+    c_v: Tensor, c_e: Tensor, edges_s: Tensor, edges_t: Tensor, check_indices: bool = True
+) -> Tensor:
     """Dense Lawler matrix of Eq. 4 from vertex and edge affinities.
 
     Args:
         c_v: ``(G, n, n)`` vertex affinities c^v_{ia}.
         c_e: ``(G, E, F)`` edge affinities c^e_{ia,jb} of edge e = (i, j) of graph s and f = (a, b) of t.
         edges_s: ``(G, E, 2)`` long, directed edges (i, j) of graph s; edges_t: ``(G, F, 2)``, edges (a, b).
+        check_indices: check that every node index lies in ``[0, n)`` (a host sync; shapes are always checked).
 
     Returns:
         ``K`` ``(G, n*n, n*n)``: c_v on the diagonal, ``c_e[g, e, f]`` added at ``(i_e*n + a_f, j_e*n + b_f)``
         (one batched scatter_add; duplicate edges add up), symmetrised ``(K + K^T) / 2``, so that
         ``x^T K x = sum c_v X + sum_{e,f} c_e[e, f] X[i_e, a_f] X[j_e, b_f]``. Differentiable in c_v, c_e.
+        ``lawler_edges(...) + torch.diag_embed(c_v.reshape(G, n * n))``, bit for bit.
     """
     if c_v.dim() != 3 or c_v.shape[1] != c_v.shape[2]:
         raise ValueError(f"c_v must have shape (G, n, n), got {tuple(c_v.shape)}")
     g, n, _ = c_v.shape
+    dtype = torch.promote_types(c_v.dtype, c_e.dtype)
+    edge_part = lawler_edges(c_e.to(dtype), edges_s, edges_t, n, check_indices)
+    return edge_part + torch.diag_embed(c_v.to(dtype).reshape(g, n * n))
+
+
+def lawler_edges(c_e: Tensor, edges_s: Tensor, edges_t: Tensor, n: int, check_indices: bool = True) -> Tensor:
+    """The edge part of :func:`lawler_from_edges` (its zero-diagonal-vertex Lawler matrix), ``(G, n*n, n*n)``:
+    problems that share ``c_e`` and differ in ``c_v`` (IMLE's forward and backward solves) build it once."""
+    g = c_e.shape[0]
     for name, e in (("edges_s", edges_s), ("edges_t", edges_t)):
         if e.dim() != 3 or e.shape[0] != g or e.shape[2] != 2:
             raise ValueError(f"{name} must have shape (G={g}, num_edges, 2), got {tuple(e.shape)}")
         if e.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"{name} must be an integer (long) tensor, got {e.dtype}")
-        if e.numel() and bool(((e < 0) | (e >= n)).any()):
+        if check_indices and e.numel() and bool(((e < 0) | (e >= n)).any()):
             raise ValueError(f"{name} has node indices outside [0, {n})")
     if c_e.shape != (g, edges_s.shape[1], edges_t.shape[1]):
         want = (g, edges_s.shape[1], edges_t.shape[1])
         raise ValueError(f"c_e must have shape (G, E, F) = {want}, got {tuple(c_e.shape)}")
-    nn, dtype = n * n, torch.promote_types(c_v.dtype, c_e.dtype)
+    nn, dtype = n * n, c_e.dtype
     es, et = edges_s.long(), edges_t.long()
     rows = es[:, :, None, 0] * n + et[:, None, :, 0]  # (G, E, F): pairing (i_e, a_f)
     cols = es[:, :, None, 1] * n + et[:, None, :, 1]  # (G, E, F): pairing (j_e, b_f)
-    k = torch.zeros(g, nn * nn, dtype=dtype, device=c_v.device)
-    k = k.scatter_add(1, (rows * nn + cols).reshape(g, -1), c_e.to(dtype).reshape(g, -1)).view(g, nn, nn)
-    return 0.5 * (k + k.transpose(1, 2)) + torch.diag_embed(c_v.to(dtype).reshape(g, nn))
+    k = torch.zeros(g, nn * nn, dtype=dtype, device=c_e.device)
+    k = k.scatter_add(1, (rows * nn + cols).reshape(g, -1), c_e.reshape(g, -1)).view(g, nn, nn)
+    return 0.5 * (k + k.transpose(1, 2))
+
+
+def pair_products(x: Tensor, edges_s: Tensor, edges_t: Tensor) -> Tensor:
+    """``X[i_e, a_f] * X[j_e, b_f]`` for every edge pair, ``(S, G, n, n) -> (S, G, E, F)``: the derivative of
+    the Eq. 4 objective with respect to ``c_e[e, f]`` (so ``sum c_e * pair_products`` is its edge term)."""
+    s, g, n, _ = x.shape
+    first = edges_s[:, :, None, 0] * n + edges_t[:, None, :, 0]  # (G, E, F): pairing (i_e, a_f)
+    second = edges_s[:, :, None, 1] * n + edges_t[:, None, :, 1]  # (G, E, F): pairing (j_e, b_f)
+    xf = x.reshape(s, g, n * n)
+
+    def take(idx: Tensor) -> Tensor:
+        return xf.gather(2, idx.reshape(1, g, -1).expand(s, -1, -1)).view(s, *idx.shape)
+
+    return take(first) * take(second)
 
 
 def qap_objective(K: Tensor, X: Tensor) -> Tensor:
@@ -363,7 +391,7 @@ QAP_SOLVERS: dict[str, Callable[..., Tensor]] = {
 }
 
 
-def solve_qap(K: Tensor, n: int, method: str = "lvmmed", **options: object) -> Tensor:
+def solve_qap(K: Tensor, n: int, method: str = "lvmmed", check_inputs: bool = True, **options: object) -> Tensor:
     """Approximately maximise ``x^T K x`` over permutation matrices (Eq. 4: GM(c^v, c^e)).
 
     Args:
@@ -372,6 +400,7 @@ def solve_qap(K: Tensor, n: int, method: str = "lvmmed", **options: object) -> T
         n: nodes per graph.
         method: ``"lvmmed"`` (:func:`lvmmed_qap`), ``"lap"`` (exact LAP on the diagonal of K only), or
             pygmtools' ``"rrwm"``, ``"ipfp"``, ``"sm"`` (see :data:`QAP_SOLVERS`).
+        check_inputs: check that K is finite and symmetric (one host sync; shapes are always checked).
         options: keyword options of the solver (e.g. ``num_random_starts``; ``max_iter`` for pygmtools).
 
     Returns:
@@ -390,8 +419,13 @@ def solve_qap(K: Tensor, n: int, method: str = "lvmmed", **options: object) -> T
     K = K.detach().float() if K.dtype in (torch.float16, torch.bfloat16) else K.detach()
     if K.shape[0] == 0:
         return K.new_zeros(0, n, n, dtype=torch.float32)
-    # one host sync validates: all entries finite (NaN propagates through aminmax), and K symmetric on two
-    # spot-checked rows per problem
+    if check_inputs:
+        _check_lawler(K, n)
+    return QAP_SOLVERS[method](K, n, **options).to(torch.float32)
+
+
+def _check_lawler(K: Tensor, n: int) -> None:
+    """One host sync: all entries finite (NaN propagates through aminmax), K symmetric on two spot-checked rows."""
     lo, hi = torch.aminmax(K)
     rows = torch.tensor([0, (n * n) // 2], device=K.device)
     asym = (K.index_select(1, rows) - K.index_select(2, rows).transpose(1, 2)).abs().amax()
@@ -402,4 +436,3 @@ def solve_qap(K: Tensor, n: int, method: str = "lvmmed", **options: object) -> T
                          "features K was built from (lawler_from_edges) for NaN/Inf, e.g. a diverged encoder")
     if not symmetric:
         raise ValueError("K must be symmetric (the Lawler form of lawler_from_edges); pass (K + K^T) / 2")
-    return QAP_SOLVERS[method](K, n, **options).to(torch.float32)

@@ -193,8 +193,9 @@ def test_bad_file_with_on_bad_data_raise_stops_with_a_clear_message(tmp_path):
 
 
 def test_first_order_warmup_switches_by_iteration_and_on_resume():
-    """Iterations 1..N solve the noise-free LAP, later ones the configured objective; a run resumed past the
-    warm-up (engine state restored, as CheckpointLoader does) starts with the configured objective."""
+    """Iterations 1..N solve the noise-free LAP (per-iteration overrides in engine.state), later ones the
+    configured objective; a run resumed past the warm-up (engine state restored, as CheckpointLoader does)
+    starts with the configured objective; the criterion itself is never changed."""
     from ignite.engine import Engine, Events
 
     from lvmmed_monai.engines import FirstOrderWarmup
@@ -202,21 +203,22 @@ def test_first_order_warmup_switches_by_iteration_and_on_resume():
 
     crit = LVMMedLoss(in_dim=8, graph_size=4, k=2, noise_scale=0.5)
     seen = []
-    engine = Engine(lambda e, b: seen.append((e.state.iteration, crit.second_order, crit.noise_scale)))
+    engine = Engine(lambda e, b: seen.append((e.state.iteration, e.state.loss_overrides)))
     FirstOrderWarmup(crit, iterations=3).attach(engine)
     engine.run(range(5), max_epochs=1)
-    assert seen == [(1, False, 0.0), (2, False, 0.0), (3, False, 0.0), (4, True, 0.5), (5, True, 0.5)]
+    warm = {"second_order": False, "noise_scale": 0.0}
+    assert seen == [(1, warm), (2, warm), (3, warm), (4, {}), (5, {})]
+    assert (crit.second_order, crit.noise_scale) == (True, 0.5)
 
-    crit2 = LVMMedLoss(in_dim=8, graph_size=4, k=2, second_order=True, noise_scale=1.0)
-    resumed, seen2 = Engine(lambda e, b: seen2.append((e.state.iteration, crit2.second_order, crit2.noise_scale))), []
-    FirstOrderWarmup(crit2, iterations=3).attach(resumed)
+    resumed, seen2 = Engine(lambda e, b: seen2.append((e.state.iteration, e.state.loss_overrides))), []
+    FirstOrderWarmup(crit, iterations=3).attach(resumed)
 
     @resumed.on(Events.STARTED)
     def _restore(engine):  # what a checkpoint restore does: the engine continues from iteration 4
         engine.state.iteration, engine.state.epoch = 4, 1
 
     resumed.run(range(6), max_epochs=2)
-    assert seen2[0] == (5, True, 1.0) and all(so and ns == 1.0 for _, so, ns in seen2)
+    assert seen2[0] == (5, {}) and all(over == {} for _, over in seen2)
     with pytest.raises(ValueError, match="iterations"):
         FirstOrderWarmup(crit, iterations=-1)
 

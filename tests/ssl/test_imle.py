@@ -286,6 +286,28 @@ def test_per_graph_step_is_the_same_on_one_or_two_processes():
 
     for step, lam in (("per_graph", 80.0), ("per_loss", 40.0)):
         model = LVMMedPretrainModel(Enc(), LVMMedLoss(in_dim=8, graph_size=4, k=2, imle_step=step), world_size=2)
-        assert model.criterion.lam == lam
+        assert model.imle_lam == lam and model.criterion.lam == 80.0  # the criterion keeps what the config says
     with pytest.raises(ValueError, match="imle_step"):
         LVMMedLoss(in_dim=8, graph_size=4, k=2, imle_step="per_batch")
+
+
+def test_unchecked_call_is_the_checked_one_and_skips_only_the_checks():
+    """check_inputs=False: the same matching and gradients without the host-side value checks (NaN c_v is then
+    not refused up front)."""
+    c_v, c_e, es, et = _problem(3, 5, seed=7)
+    out = {}
+    for check in (True, False):
+        cv, ce = c_v.clone().requires_grad_(True), c_e.clone().requires_grad_(True)
+        x = imle_qap(cv, ce, es, et, lam=2.0, generator=torch.Generator().manual_seed(0), check_inputs=check)
+        hamming_loss(x).sum().backward()
+        out[check] = (x, cv.grad, ce.grad)
+    for a, b in zip(out[True], out[False], strict=True):
+        assert torch.equal(a, b)
+    bad = c_v.clone()
+    bad[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        imle_qap(bad, c_e, es, et)
+    bad_edges = es.clone()
+    bad_edges[0, 0, 0] = 99
+    with pytest.raises(ValueError, match="outside"):
+        imle_qap(c_v, c_e, bad_edges, et)

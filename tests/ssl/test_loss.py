@@ -213,3 +213,47 @@ def test_multi_crop_loss_is_the_mean_over_the_global_pair_and_each_local_crop_ag
     assert torch.isfinite(enc.conv.weight.grad).all() and enc.conv.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="local crops"):
         model(img_s, img_t, c_s, c_t, local_images=locs, local_coords=c_l[:1])
+
+
+def test_per_call_overrides_equal_a_criterion_configured_so_and_leave_it_unchanged():
+    """match(..., second_order=False, noise_scale=0.0, lam=5.0) is what LVMMedLoss(second_order=False,
+    noise_scale=0.0, lam=5.0) computes; the criterion's own settings stay as configured."""
+    fs, ft, cs, ct = _maps()
+    torch.manual_seed(0)
+    crit = LVMMedLoss(in_dim=D, noise_scale=0.5)
+    plain = LVMMedLoss(in_dim=D, noise_scale=0.0, second_order=False, lam=5.0)
+    plain.load_state_dict(crit.state_dict())
+    aff = crit.affinities(fs, ft, cs, ct)
+    over = crit.match(aff, torch.Generator().manual_seed(2), second_order=False, noise_scale=0.0, lam=5.0)
+    ref = plain.match(aff, torch.Generator().manual_seed(2))
+    assert over.loss.item() == ref.loss.item()
+    assert all(torch.equal(over.stats[k], ref.stats[k]) for k in ref.stats)
+    (g1,) = torch.autograd.grad(over.loss, fs, retain_graph=True)
+    (g2,) = torch.autograd.grad(ref.loss, fs)
+    torch.testing.assert_close(g1, g2)
+    assert (crit.second_order, crit.noise_scale, crit.lam) == (True, 0.5, 80.0)
+
+
+def test_objective_statistics_equal_the_lawler_form():
+    """The stats' objective (from the edge lists) equals x^T K x with K from lawler_from_edges."""
+    from lvmmed_monai.ssl.matching import lawler_edges, lawler_from_edges, qap_objective
+
+    fs, ft, cs, ct = _maps()
+    crit = LVMMedLoss(in_dim=D)
+    aff = crit.affinities(fs, ft, cs, ct)
+    out = crit.match(aff, torch.Generator().manual_seed(0))
+    K = lawler_from_edges(aff.c_v.detach(), aff.c_e.detach(), aff.edges_s, aff.edges_t)
+    eye = torch.eye(16).expand(2, 16, 16)
+    xm = _forward_matching(crit, aff)
+    assert float(out.stats["objective"]) == pytest.approx(float(qap_objective(K, xm).mean()), rel=1e-5)
+    assert float(out.stats["identity_objective"]) == pytest.approx(float(qap_objective(K, eye).mean()), rel=1e-5)
+    edge = lawler_edges(aff.c_e.detach(), aff.edges_s, aff.edges_t, 16)
+    assert torch.equal(edge + torch.diag_embed(aff.c_v.detach().reshape(2, 256)), K)  # bit for bit
+
+
+def _forward_matching(crit: LVMMedLoss, aff) -> torch.Tensor:
+    """The forward matching the statistics were computed on (same generator seed)."""
+    from lvmmed_monai.ssl.imle import imle_qap
+
+    return imle_qap(aff.c_v.detach(), aff.c_e.detach(), aff.edges_s, aff.edges_t, lam=crit.lam,
+                    step=crit.imle_step, noise_scale=crit.noise_scale, generator=torch.Generator().manual_seed(0))

@@ -160,7 +160,7 @@ class FirstOrderWarmup:
     def __init__(self, criterion: nn.Module, iterations: int = 0) -> None:
         if iterations < 0:
             raise ValueError(f"iterations must be >= 0, got {iterations}")
-        self.criterion, self.iterations = criterion, int(iterations)
+        self.iterations = int(iterations)
         self.second_order, self.noise_scale = criterion.second_order, criterion.noise_scale
 
     def attach(self, engine: Engine) -> None:

@@ -57,20 +57,23 @@ def lawler_edges(c_e: Tensor, edges_s: Tensor, edges_t: Tensor, n: int, check_in
         want = (g, edges_s.shape[1], edges_t.shape[1])
         raise ValueError(f"c_e must have shape (G, E, F) = {want}, got {tuple(c_e.shape)}")
     nn, dtype = n * n, c_e.dtype
-    es, et = edges_s.long(), edges_t.long()
-    rows = es[:, :, None, 0] * n + et[:, None, :, 0]  # (G, E, F): pairing (i_e, a_f)
-    cols = es[:, :, None, 1] * n + et[:, None, :, 1]  # (G, E, F): pairing (j_e, b_f)
+    rows, cols = _edge_pairings(edges_s, edges_t, n)
     k = torch.zeros(g, nn * nn, dtype=dtype, device=c_e.device)
     k = k.scatter_add(1, (rows * nn + cols).reshape(g, -1), c_e.reshape(g, -1)).view(g, nn, nn)
     return 0.5 * (k + k.transpose(1, 2))
+
+
+def _edge_pairings(edges_s: Tensor, edges_t: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """For every edge pair (e, f), ``(G, E, F)`` long: the pairings ``i_e * n + a_f`` and ``j_e * n + b_f``."""
+    es, et = edges_s.long(), edges_t.long()
+    return es[:, :, None, 0] * n + et[:, None, :, 0], es[:, :, None, 1] * n + et[:, None, :, 1]
 
 
 def pair_products(x: Tensor, edges_s: Tensor, edges_t: Tensor) -> Tensor:
     """``X[i_e, a_f] * X[j_e, b_f]`` for every edge pair, ``(S, G, n, n) -> (S, G, E, F)``: the derivative of
     the Eq. 4 objective with respect to ``c_e[e, f]`` (so ``sum c_e * pair_products`` is its edge term)."""
     s, g, n, _ = x.shape
-    first = edges_s[:, :, None, 0] * n + edges_t[:, None, :, 0]  # (G, E, F): pairing (i_e, a_f)
-    second = edges_s[:, :, None, 1] * n + edges_t[:, None, :, 1]  # (G, E, F): pairing (j_e, b_f)
+    first, second = _edge_pairings(edges_s, edges_t, n)
     xf = x.reshape(s, g, n * n)
 
     def take(idx: Tensor) -> Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -25,6 +26,25 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory) -> Iterator[Callable[[str], Path]]:
+    """``mktemp(name)`` for module-scoped fixtures, deleted when the module's tests end.
+
+    Bundle runs write 0.1-1 GB of checkpoints each; ``tmp_path_factory`` keeps its folders until the session
+    ends (a full run held 17 GB and filled CI's disk). Function-scoped ``tmp_path`` folders of passing tests
+    go at once through ``tmp_path_retention_policy = "failed"`` in pyproject.toml.
+    """
+    made: list[Path] = []
+
+    def mktemp(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield mktemp
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -245,10 +245,10 @@ def test_pretraining_skips_nan_and_constant_files_with_a_warning_naming_them(tmp
 
 
 @pytest.fixture(scope="module")
-def seg_model(tmp_path_factory) -> Path:
+def seg_model(module_tmp) -> Path:
     from lvmmed_monai.networks import segmentation_net_2d
 
-    path = tmp_path_factory.mktemp("seg_model") / "model.pt"
+    path = module_tmp("seg_model") / "model.pt"
     torch.manual_seed(0)
     torch.save(segmentation_net_2d("lvmmed_resnet50", 1, 3).state_dict(), path)
     return path

@@ -87,9 +87,9 @@ def test_probe_touches_no_buffer_no_rng_and_restores_the_mode(encoder, one_threa
 
 
 @pytest.fixture(scope="module")
-def bundle_runs(tmp_path_factory) -> dict[str, Path]:
+def bundle_runs(module_tmp) -> dict[str, Path]:
     """The pretraining bundle twice on 16 PNGs, 3 epochs of 1 iteration: probe every 2 epochs, and no probe."""
-    root = tmp_path_factory.mktemp("probe")
+    root = module_tmp("probe")
     rng = np.random.default_rng(0)
     (root / "data").mkdir()
     for i in range(16):

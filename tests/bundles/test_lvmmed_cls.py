@@ -71,10 +71,10 @@ def test_metadata_and_network_shapes_verify():
 
 
 @pytest.fixture(scope="module")
-def probed(tmp_path_factory, r50_file) -> Path:
+def probed(module_tmp, r50_file) -> Path:
     """train.yaml, linear probe from the official-layout ResNet-50 weights, on 16 generated 32 x 32 phantoms
     (12 train, 4 validation: one per class), batch 6, 2 epochs of 2 iterations."""
-    out = tmp_path_factory.mktemp("cls")
+    out = module_tmp("cls")
     _ok(_run("train.yaml", {**TINY, "output_dir": str(out), "num_phantoms": 16, "image_size": 32, "batch_size": 6,
                             "max_epochs": 2, "init_weights": r50_file}))
     return out
@@ -157,10 +157,10 @@ def _preprocessed(path: str, size: int = 32) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> dict:
+def model(module_tmp) -> dict:
     """A random classifier whose head reads standardised features (so its predictions vary over images: a
     random encoder's pooled features share a large common part), saved as a checkpoint."""
-    root = tmp_path_factory.mktemp("model")
+    root = module_tmp("model")
     torch.manual_seed(1)
     net = classification_net_2d("lvmmed_resnet50", 1, 4, None, 32).eval()
     images, _ = _phantoms(32, 32, seed=9)

@@ -261,10 +261,10 @@ def test_corrupt_images_fail_with_clear_messages(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, r50_file) -> Path:
+def trained(module_tmp, r50_file) -> Path:
     """train.yaml from the official-layout ResNet-50 weights on 8 generated 64 x 64 phantoms (6 train, 2
     validation), batch 2, 2 epochs of 2 iterations."""
-    out = tmp_path_factory.mktemp("det")
+    out = module_tmp("det")
     _ok(_run("train.yaml", {**TINY, "output_dir": str(out), "num_phantoms": 8, "batch_size": 2, "max_epochs": 2,
                             "epoch_length": 2, "warmup_iters": 2, "init_weights": r50_file, "net_kwargs": FAST}))
     return out
@@ -303,10 +303,10 @@ def _hand_preprocessed(path: Path) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> dict:
+def model(module_tmp) -> dict:
     """A randomly initialised detector (``EVAL`` settings: every proposal scored), saved as a checkpoint, with a
     training folder whose categories.json has the non-contiguous ids 3 and 7."""
-    root = tmp_path_factory.mktemp("model")
+    root = module_tmp("model")
     torch.manual_seed(1)
     net = lvmmed_faster_rcnn(3, None, 1, min_size=64, max_size=1333, **EVAL).eval()
     torch.save(net.state_dict(), root / "model.pt")

@@ -45,10 +45,10 @@ def test_metadata_and_network_shapes_verify():
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory) -> dict:
+def pretrained(module_tmp) -> dict:
     """Stages 1, 2, 3 of pretrain.yaml, 2 iterations each (2 generated 32 x 32 x 6 phantoms, batch 1), each
     stage starting from the previous one's checkpoint folder (the default)."""
-    out = tmp_path_factory.mktemp("pretrain")
+    out = module_tmp("pretrain")
     over = {**TINY, "output_dir": str(out), "num_phantoms": 2, "phantom_shape": [32, 32, 6], "image_size": 32,
             "batch_size": 1, "max_epochs": 1, "num_prototypes": 16, "hidden_dim": 64, "ckpt_interval": 1}
     logs = {stage: _ok(_run("pretrain.yaml", {**over, "stage": stage})) for stage in (1, 2, 3)}
@@ -93,9 +93,9 @@ def test_stage_without_previous_checkpoint_fails_clearly(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def segmentation(tmp_path_factory, pretrained) -> Path:
+def segmentation(module_tmp, pretrained) -> Path:
     """train_seg.yaml from the stage-3 backbone: 4 generated phantoms (3 train, 1 val), batch 2, 1 epoch."""
-    out = tmp_path_factory.mktemp("seg")
+    out = module_tmp("seg")
     _ok(_run("train_seg.yaml", {
         **TINY, "output_dir": str(out), "num_phantoms": 4, "phantom_shape": [32, 32, 6], "roi_size": [6, 32, 32],
         "batch_size": 2, "max_epochs": 1,

@@ -30,9 +30,9 @@ CKPT_KEYS = {"encoder", "criterion", "optimizer", "lr_scheduler", "trainer", "gr
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict:
+def tiny(module_tmp) -> dict:
     """A tiny mixed collection (2 NIfTI volumes + 12 PNGs, about 30 slices) and overrides for tiny runs."""
-    root = tmp_path_factory.mktemp("tiny")
+    root = module_tmp("tiny")
     rng = np.random.default_rng(0)
     (root / "data" / "ct").mkdir(parents=True)
     (root / "data" / "xr").mkdir(parents=True)

@@ -74,10 +74,10 @@ def test_metadata_and_network_shapes_verify():
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, r50_file) -> Path:
+def trained(module_tmp, r50_file) -> Path:
     """train.yaml from the official-layout ResNet-50 weights: 4 generated 32 x 32 x 6 volumes (3 train, 1 val),
     2 slices each, batch 3 volumes, 2 epochs of 1 iteration."""
-    out = tmp_path_factory.mktemp("seg")
+    out = module_tmp("seg")
     _ok(_run("train.yaml", {**TINY, "output_dir": str(out), "num_phantoms": 4, "phantom_shape": [32, 32, 6],
                             "patch_size": [32, 32], "slices_per_volume": 2, "batch_size": 3, "max_epochs": 2,
                             "init_weights": r50_file, "class_names": ["background", "lung", "bone"]}))
@@ -179,10 +179,10 @@ def _slice_loop_labels(net: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def calibrated(tmp_path_factory) -> dict:
+def calibrated(module_tmp) -> dict:
     """A random U-Net whose BatchNorm statistics are those of a test volume's slices (so its labels vary over
     the volume), saved as a checkpoint; the volume (with its phantom labels) and a PNG image with labels."""
-    root = tmp_path_factory.mktemp("calibrated")
+    root = module_tmp("calibrated")
     volume = _torso_ct(np.random.default_rng(1), (30, 34, 7)).astype(np.int16)
     x = _preprocessed(volume)
     torch.manual_seed(0)

@@ -45,9 +45,9 @@ def write_phantom_volumes(raw: Path, num_cases: int = 6, shape: tuple[int, int, 
 
 
 @pytest.fixture(scope="module")
-def planned(tmp_path_factory, nnunet_env) -> Path:
+def planned(module_tmp, nnunet_env) -> Path:
     """The phantoms planned and preprocessed by nnU-Net itself (its real 3d_fullres plan)."""
-    root = tmp_path_factory.mktemp("nnunet3d")
+    root = module_tmp("nnunet3d")
     write_phantom_volumes(root / "raw")
     subprocess.run([str(BIN / "nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "1"],
                    env=nnunet_env(root), check=True, capture_output=True)

@@ -24,9 +24,9 @@ DATASET_ID = 501
 
 
 @pytest.fixture(scope="module")
-def planned(tmp_path_factory, nnunet_env) -> Path:
+def planned(module_tmp, nnunet_env) -> Path:
     """A tiny raw dataset, planned and preprocessed by nnU-Net itself (its real 2d plan)."""
-    root = tmp_path_factory.mktemp("nnunet")
+    root = module_tmp("nnunet")
     write_nnunet_raw_dataset(root / "raw", DATASET_ID, num_cases=6, size=64)
     subprocess.run([str(BIN / "nnUNetv2_plan_and_preprocess"), "-d", str(DATASET_ID), "-c", "2d", "-np", "1"],
                    env=nnunet_env(root), check=True, capture_output=True)

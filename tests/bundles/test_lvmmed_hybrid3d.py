@@ -1,21 +1,19 @@
-"""The lvmmed_hybrid3d bundle end to end on tiny settings (CPU): metadata and network shapes, the three joint
-2D-3D pretraining stages chained through their checkpoints, segmentation training -> inference (a NIfTI with
-the input's shape and affine, equal to the network's own prediction), classification on volumes of different
-depths, and clear errors for bad data."""
+"""The lvmmed_hybrid3d bundle end to end on tiny settings (CPU; the model zoo's steps: test_model_zoo.py): the
+three joint 2D-3D pretraining stages chained through their checkpoints, segmentation training -> inference (a
+NIfTI with the input's shape and affine, equal to the network's own prediction), classification on volumes of
+different depths, and clear errors for bad data."""
 
 from __future__ import annotations
 
 import functools
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from bundle_helpers import ENV, run_bundle
 from bundle_helpers import ok as _ok
+from bundle_helpers import run_bundle
 from bundle_helpers import save_nifti as _save
 from bundle_helpers import scalars as _scalars
 
@@ -28,20 +26,10 @@ from lvmmed_monai.engines import load_stage_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "bundles" / "lvmmed_hybrid3d" / "configs"
-SCHEMA = REPO / "bundles" / "schema" / "meta_schema_20240725.json"
 _run = functools.partial(run_bundle, CONFIGS)
 TINY_INTER = {"dims": [32, 32, 64, 64], "num_heads": [2, 2, 4, 4]}
 TINY = {"inter_kwargs": TINY_INTER, "num_workers": 0}
 CKPT_KEYS = {"backbone", "criterion", "optimizer", "trainer", "rng"}
-
-
-def test_metadata_and_network_shapes_verify():
-    from monai.bundle import verify_metadata, verify_net_in_out
-
-    verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(SCHEMA))
-    # the default network of inference_seg.yaml on a (1, 1, 3, 3, 3) volume: (1, 3, 3, 3, 3) logits
-    verify_net_in_out(net_id="network_def", meta_file=str(CONFIGS / "metadata.json"),
-                      config_file=str(CONFIGS / "inference_seg.yaml"), device="cpu", any=3)
 
 
 @pytest.fixture(scope="module")
@@ -247,28 +235,3 @@ def test_empty_data_folder_fails_with_a_clear_message(tmp_path):
     proc = _run("pretrain.yaml", {"data": str(tmp_path / "empty"), "output_dir": str(tmp_path / "out")})
     assert proc.returncode != 0
     assert f"VolumeDataError: no volume files under {tmp_path / 'empty'}" in proc.stderr, proc.stderr[-3000:]
-
-
-def test_inference_network_exports_with_ckpt_export_traced_at_the_window_shape(tmp_path):
-    """Model zoo's ckpt_export: the hybrid network does not script (module-typed attributes), so it is traced
-    (``--use_trace``) at a sliding-window ROI (``sliding_window: true`` runs it at that shape); the traced
-    model equals the eager one there and for another slice count."""
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(str(CONFIGS / "inference_seg.yaml"))
-    torch.manual_seed(0)
-    net = parser.get_parsed_content("network_def").eval()
-    torch.save(net.state_dict(), tmp_path / "model.pt")
-    proc = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(tmp_path / "m.ts"),
-         "--ckpt_file", str(tmp_path / "model.pt"), "--config_file", str(CONFIGS / "inference_seg.yaml"),
-         "--use_trace", "True", "--input_shape", "[1, 1, 32, 32, 6]"],
-        capture_output=True, encoding="utf-8", errors="replace", env=ENV, timeout=300, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    traced = torch.jit.load(str(tmp_path / "m.ts"))
-    for depth in (6, 9):
-        x = torch.rand(1, 1, 32, 32, depth)
-        with torch.no_grad():
-            ref, out = net(x), traced(x)
-        assert out.shape == (1, 3, 32, 32, depth) and torch.allclose(out, ref, atol=1e-5)

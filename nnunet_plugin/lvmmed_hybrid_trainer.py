@@ -63,3 +63,12 @@ class LVMMedHybridTrainer_1epoch_5iters(LVMMedHybridTrainer):
         """One epoch of 5 training and 2 validation iterations: a CPU-sized smoke run of train + predict."""
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 1, 5, 2
+
+
+class LVMMedHybridTrainer_2epochs_5iters(LVMMedHybridTrainer):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")) -> None:
+        """``_1epoch_5iters`` with a second epoch: continued with ``--c`` from a one-epoch checkpoint, a
+        CPU-sized check that nnU-Net resumes the hybrid network (epoch counter, weights, optimiser state)."""
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 2, 5, 2

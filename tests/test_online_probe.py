@@ -3,7 +3,9 @@ metrics, without changing training (same losses, weights and BatchNorm buffers w
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -47,12 +49,13 @@ def test_probe_epochs_put_an_accuracy_in_the_metrics_and_keep_train_mode(encoder
     OnlineProbe(encoder, 32, interval=2, num_train=24, num_test=24, k=3).attach(engine)
     engine.add_event_handler(Events.EPOCH_COMPLETED,
                              lambda e: seen.update({e.state.epoch: (dict(e.state.metrics), encoder.training)}))
-    with caplog.at_level(logging.INFO, logger="lvmmed_monai.engines.handlers"):
+    with caplog.at_level(logging.DEBUG, logger="lvmmed_monai.engines.handlers"):
         engine.run([0], max_epochs=3)
     assert "probe_knn_accuracy" not in seen[1][0]
     assert all(0.0 <= seen[e][0]["probe_knn_accuracy"] <= 1.0 for e in (2, 3))
     assert all(training for _, training in seen.values()) and encoder.training
-    assert sum("online kNN probe" in r.getMessage() for r in caplog.records) == 2
+    # described once at INFO; the later values only in DEBUG (the epoch line shows them)
+    assert [r.levelname for r in caplog.records if "online kNN probe" in r.getMessage()] == ["INFO", "DEBUG"]
 
 
 def test_probe_touches_no_buffer_no_rng_and_restores_the_mode(encoder, one_thread, tmp_path):
@@ -95,7 +98,7 @@ def bundle_runs(module_tmp) -> dict[str, Path]:
     for i in range(16):
         Image.fromarray((_chest_xray(rng, 48) * 255).astype(np.uint8)).save(root / "data" / f"x{i}.png")
     base = {"data": str(root / "data"), "cache_dir": str(root / "cache"), "image_size": 32, "batch_size": 16,
-            "graph_size": 8, "k": 3, "gamma": 4, "progress_bar": False, "num_workers": 0, "max_epochs": 3,
+            "graph_size": 8, "k": 3, "gamma": 4, "num_workers": 0, "max_epochs": 3,
             "ckpt_interval": 100, "first_order_warmup": 1, "train#main_handlers#0#num_train": 40,
             "train#main_handlers#0#num_test": 40}
     runs = {}
@@ -112,9 +115,28 @@ def test_bundle_logs_the_probe_at_probe_epochs_in_the_epoch_line_and_tensorboard
     assert sorted(probe) == [2, 3] and all(0.0 <= v <= 1.0 for v in probe.values())
     assert scalars(bundle_runs["plain"] / "logs", "probe_knn_accuracy") == {}
     log = (bundle_runs["probe"].parent / "probe.log").read_text()
-    epoch_lines = [line for line in log.splitlines() if "Epoch[" in line and "Metrics" in line]
+    epoch_lines = [line for line in log.splitlines() if re.search(r" - epoch \d+/3 \| loss ", line)]
     assert len(epoch_lines) == 3, log[-3000:]
     assert ["probe_knn_accuracy" in line for line in epoch_lines] == [False, True, True]
+    report = json.loads((bundle_runs["probe"] / "report.json").read_text())
+    assert {r["epoch"]: r["probe_knn_accuracy"] for r in report["epochs"] if "probe_knn_accuracy" in r} == (
+        pytest.approx(probe))
+
+
+def test_bundle_console_is_one_line_per_epoch_and_a_final_block(bundle_runs):
+    """Not a terminal (CI): no progress bar, no per-iteration lines, no ignite engine chatter; the report's
+    per-epoch loss is TensorBoard's per-iteration loss (1 iteration per epoch here)."""
+    log = (bundle_runs["plain"].parent / "plain.log").read_text()
+    assert "Iter:" not in log and "%|" not in log and "ignite.engine.engine" not in log, log[-3000:]
+    ours = [line.split(" - INFO - ", 1)[1] for line in log.splitlines()
+            if " - lvmmed_monai.engines.progress - " in line]
+    assert [line.split(" |")[0] for line in ours[:3]] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"], ours
+    assert ours[3].startswith("done: 3 epochs, 3 iterations in ") and "best epoch_retrieval_accuracy" in ours[4]
+    assert "models/lvmmed_resnet.torch" in ours[-1] and "report.png" in ours[-1] and "logs/ (TensorBoard)" in ours[-1]
+    report = json.loads((bundle_runs["plain"] / "report.json").read_text())
+    assert report["finished"] and [r["loss"] for r in report["epochs"]] == pytest.approx(
+        [v for _, v in sorted(scalars(bundle_runs["plain"] / "logs", "loss").items())])
+    assert (bundle_runs["plain"] / "report.png").stat().st_size > 10_000
 
 
 def test_bundle_probe_does_not_change_training(bundle_runs):

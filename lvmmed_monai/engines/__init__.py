@@ -7,7 +7,6 @@ from lvmmed_monai.engines.detection import (
     DetectionAP,
     DetectionLoss,
     DetectionPrepareBatch,
-    DetectionProgressBar,
     DetectionReport,
     ap_from_matches,
     average_precision,
@@ -30,7 +29,6 @@ from lvmmed_monai.engines.handlers import (
     EncoderExportHandler,
     FirstOrderWarmup,
     OnlineProbe,
-    PretrainProgressBar,
     attach_checkpointing,
     latest_checkpoint,
 )
@@ -56,17 +54,26 @@ from lvmmed_monai.engines.pretrain import (
     missing_setting,
     view_inputs,
 )
-from lvmmed_monai.engines.segmentation import LossProgressBar, SegmentationReport, per_class_iou
+from lvmmed_monai.engines.progress import (
+    TrainingProgressBar,
+    TrainingSummary,
+    every,
+    format_duration,
+    output_scalars,
+    progress_enabled,
+)
+from lvmmed_monai.engines.segmentation import SegmentationReport, per_class_iou
 
 __all__ = [
     "as_bool", "as_int", "missing_setting", "view_inputs",
     "LVMMedPretrainModel", "LVMMedPretrainTrainer", "RNGState", "build_encoder", "epoch_means", "halving_milestones",
-    "input_normalization", "AtomicCheckpointSaver", "EncoderExportHandler", "PretrainProgressBar", "FirstOrderWarmup",
+    "input_normalization", "AtomicCheckpointSaver", "EncoderExportHandler", "FirstOrderWarmup",
     "OnlineProbe", "latest_checkpoint", "attach_checkpointing", "GlobalBatchNorm2d", "distributed_setup",
     "convert_sync_batchnorm", "wrap_ddp", "init_distributed", "get_rank", "get_world_size", "is_main_process",
     "Joint3DTrainer", "GradientClipHandler", "load_stage_checkpoint", "load_hybrid_backbone", "optional_path",
-    "per_class_dice", "resolve_checkpoint", "per_class_iou", "SegmentationReport", "LossProgressBar",
+    "per_class_dice", "resolve_checkpoint", "per_class_iou", "SegmentationReport",
     "BalancedAccuracyMetric", "BalancedAccuracy", "ClassificationReport",
-    "DetectionPrepareBatch", "DetectionLoss", "detection_loss_terms", "DetectionProgressBar", "match_detections",
+    "DetectionPrepareBatch", "DetectionLoss", "detection_loss_terms", "match_detections",
     "ap_from_matches", "average_precision", "DetectionAP", "per_class_ap", "DetectionReport",
+    "TrainingProgressBar", "TrainingSummary", "every", "format_duration", "output_scalars", "progress_enabled",
 ]

@@ -9,7 +9,7 @@ What joins them, written here because MONAI has none of it for torchvision model
 * :class:`DetectionPrepareBatch`: a list of items (``monai.data.utils.no_collation``) -> images and targets
   (passed to the network as well in training), so the engines run unchanged;
 * :class:`DetectionLoss`: the sum of the loss dict (torchvision's reference training), and
-  :func:`detection_loss_terms` / :class:`DetectionProgressBar` to log it;
+  :func:`detection_loss_terms` to log it;
 * :func:`match_detections` / :func:`ap_from_matches` / :func:`average_precision`: AP at one IoU threshold per
   class with MONAI's maintained COCO implementation (``monai.apps.detection.metrics``: ``matching_batch`` +
   ``COCOMetric``, 101-point interpolation); :class:`DetectionAP` (an ignite metric, the mean over classes or
@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
-from ignite.handlers import ProgressBar
 from ignite.metrics import Metric
 from monai.apps.detection.metrics.coco import COCOMetric
 from monai.apps.detection.metrics.matching import matching_batch
@@ -43,7 +42,7 @@ from torch import nn
 from lvmmed_monai.data.writers import make_readable
 from lvmmed_monai.weights import atomic_open
 
-__all__ = ["DetectionPrepareBatch", "DetectionLoss", "detection_loss_terms", "DetectionProgressBar",
+__all__ = ["DetectionPrepareBatch", "DetectionLoss", "detection_loss_terms",
            "match_detections", "ap_from_matches", "average_precision", "DetectionAP", "per_class_ap",
            "DetectionReport"]
 
@@ -94,19 +93,6 @@ def detection_loss_terms(output: Mapping[str, Any]) -> dict[str, float]:
     TensorBoardStatsHandler (``output_transform``)."""
     terms = output.get("pred") if isinstance(output.get("pred"), Mapping) else {}
     return {"train_loss": float(output["loss"].detach()), **{k: float(v.detach()) for k, v in terms.items()}}
-
-
-class DetectionProgressBar(ProgressBar):
-    """ignite's progress bar showing the loss of a trainer whose output is not decollated (a dict);
-    ``attach(engine)`` only, as MONAI bundle handler lists call it. ``enabled=False`` attaches nothing."""
-
-    def __init__(self, enabled: bool = True, persist: bool = True, **kwargs: Any) -> None:
-        super().__init__(persist=persist, **kwargs)
-        self.enabled = enabled
-
-    def attach(self, engine: Engine, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
-        if self.enabled:
-            super().attach(engine, output_transform=lambda out: {"loss": float(out["loss"].detach())})
 
 
 def _numpy(x: Any, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Handlers for the pretraining engine: atomic checkpoints, resume-from-latest, encoder export, progress bar,
+"""Handlers for the pretraining engine: atomic checkpoints, resume-from-latest, encoder export,
 first-order warm-up and an online kNN probe of the encoder.
 
 MONAI's ``CheckpointSaver`` writes with ``atomic=False`` (to keep group read permission), so a run killed
@@ -18,14 +18,13 @@ from pathlib import Path
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import DiskSaver
-from ignite.handlers import ProgressBar as _IgniteProgressBar
 from monai.handlers import CheckpointLoader, CheckpointSaver
 from torch import nn
 
 from lvmmed_monai.weights import export_encoder
 
 __all__ = ["AtomicCheckpointSaver", "latest_checkpoint", "attach_checkpointing", "EncoderExportHandler",
-           "PretrainProgressBar", "FirstOrderWarmup", "OnlineProbe"]
+           "FirstOrderWarmup", "OnlineProbe"]
 
 logger = logging.getLogger(__name__)
 _ITERATION = re.compile(r"iteration=(\d+)\.pt$")
@@ -120,19 +119,6 @@ class EncoderExportHandler:
             logger.info("exported the encoder (official LVM-Med layout) to %s", path)
 
 
-class PretrainProgressBar(_IgniteProgressBar):
-    """ignite's tqdm progress bar showing the loss and the matching accuracy; ``attach(engine)`` only, as
-    MONAI bundle handler lists call it."""
-
-    def __init__(self, enabled: bool = True, persist: bool = True, **kwargs) -> None:
-        super().__init__(persist=persist, **kwargs)
-        self.enabled = enabled
-
-    def attach(self, engine: Engine, *args, **kwargs) -> None:  # type: ignore[override]
-        if self.enabled:
-            super().attach(engine, output_transform=lambda out: {k: float(out[k]) for k in ("loss", "accuracy")})
-
-
 class FirstOrderWarmup:
     """Solve the noise-free first-order matching (LAP on ``c_v``) for the first ``iterations`` iterations, then
     the criterion's own objective (second order and noise as configured).
@@ -220,6 +206,7 @@ class OnlineProbe:
         self.k, self.seed, self.enabled, self.name, self.batch_size = int(k), int(seed), enabled, name, batch_size
         self.device = None if device is None else torch.device(device)
         self._holdout: tuple[torch.Tensor, ...] | None = None
+        self._described = False
 
     def attach(self, engine: Engine) -> None:
         if self.enabled and self.interval:
@@ -267,6 +254,8 @@ class OnlineProbe:
         start = time.perf_counter()
         value = self.compute()
         engine.state.metrics[self.name] = value
-        logger.info("epoch %d: online kNN probe (k=%d, %d train / %d test images) %s = %.4f (%.1f s)", epoch,
-                    self.k, len(self.holdout()[1]), len(self.holdout()[3]), self.name, value,
-                    time.perf_counter() - start)
+        # the value is in the epoch line (TrainingSummary); the hold-out is described once
+        log = logger.debug if self._described else logger.info
+        self._described = True
+        log("epoch %d: online kNN probe (k=%d, %d train / %d test images) %s = %.4f (%.1f s)", epoch, self.k,
+            len(self.holdout()[1]), len(self.holdout()[3]), self.name, value, time.perf_counter() - start)

@@ -4,8 +4,7 @@
   :func:`~lvmmed_monai.engines.hybrid.per_class_dice`), so StatsHandler / TensorBoard log each class's IoU;
 * :class:`SegmentationReport`: per-case Dice / IoU per class (the details MONAI's metric handlers keep: one row
   per evaluated image or volume, so a volume's metrics are those of the whole reassembled volume) and their
-  means, written to CSV and JSON atomically at the end of an evaluation;
-* :class:`LossProgressBar`: ignite's progress bar showing a ``SupervisedTrainer``'s loss.
+  means, written to CSV and JSON atomically at the end of an evaluation.
 """
 
 from __future__ import annotations
@@ -21,14 +20,13 @@ from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
-from ignite.handlers import ProgressBar
-from monai.handlers import MeanIoUHandler, from_engine
+from monai.handlers import MeanIoUHandler
 
 from lvmmed_monai.data.writers import make_readable
 from lvmmed_monai.engines.hybrid import per_class_handlers
 from lvmmed_monai.weights import atomic_open
 
-__all__ = ["per_class_iou", "SegmentationReport", "LossProgressBar"]
+__all__ = ["per_class_iou", "SegmentationReport"]
 
 logger = logging.getLogger(__name__)
 
@@ -131,17 +129,3 @@ class SegmentationReport:
         make_readable(csv_path, json_path)
         logger.info("metrics of %d case(s) written to %s and %s; means %s", len(rows), csv_path, json_path,
                     {k: round(v, 4) for k, v in means.items() if k.endswith("_mean")})
-
-
-class LossProgressBar(ProgressBar):
-    """ignite's tqdm progress bar showing the loss of a ``SupervisedTrainer`` (decollated outputs); ``attach(engine)``
-    only, as MONAI bundle handler lists call it. ``enabled=False`` attaches nothing."""
-
-    def __init__(self, enabled: bool = True, persist: bool = True, **kwargs: Any) -> None:
-        super().__init__(persist=persist, **kwargs)
-        self.enabled = enabled
-
-    def attach(self, engine: Engine, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
-        if self.enabled:
-            loss = from_engine(["loss"], first=True)
-            super().attach(engine, output_transform=lambda out: {"loss": float(loss(out))})

@@ -1,4 +1,5 @@
-"""The lvmmed_cls bundle end to end on tiny settings (CPU): metadata and network shapes; a linear probe from
+"""The lvmmed_cls bundle end to end on tiny settings (CPU): network shapes of every config and of the ViT (the
+model zoo's steps on the default network: test_model_zoo.py); a linear probe from
 LVM-Med weights on the generated shape phantoms (encoder untouched, head trained, metrics logged, checkpoints);
 fine-tuning of the ViT on a list of PNG / RGB JPEG / 2D NIfTI images; evaluation whose probabilities are the
 eager network's on hand-preprocessed images and whose accuracy, balanced accuracy and AUC equal scikit-learn's;
@@ -38,7 +39,6 @@ from lvmmed_monai.networks import classification_net_2d
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "bundles" / "lvmmed_cls" / "configs"
-SCHEMA = REPO / "bundles" / "schema" / "meta_schema_20240725.json"
 _run = functools.partial(run_bundle, CONFIGS)
 TINY = {"num_workers": 0, "progress_bar": False}
 
@@ -52,14 +52,15 @@ def _rows(path: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-# ---------------------------------------------------------------- metadata, network shapes
+# ---------------------------------------------------------------- network shapes
 
 
-def test_metadata_and_network_shapes_verify():
-    from monai.bundle import verify_metadata, verify_net_in_out
+def test_network_shapes_verify_in_train_and_evaluate_configs_and_for_the_vit():
+    """metadata's network_data_format holds for the networks of train.yaml and evaluate.yaml too, and for the ViT
+    (inference.yaml's default network: test_model_zoo.py)."""
+    from monai.bundle import verify_net_in_out
 
-    verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(SCHEMA))
-    for config in ("train.yaml", "evaluate.yaml", "inference.yaml"):  # (1, 1, 32, 32) image -> (1, 4) logits
+    for config in ("train.yaml", "evaluate.yaml"):  # (1, 1, 32, 32) image -> (1, 4) logits
         verify_net_in_out(net_id="network_def", meta_file=str(CONFIGS / "metadata.json"),
                           config_file=str(CONFIGS / config), device="cpu", n=2)
     verify_net_in_out(net_id="network_def", meta_file=str(CONFIGS / "metadata.json"),
@@ -75,8 +76,9 @@ def probed(module_tmp, r50_file) -> Path:
     """train.yaml, linear probe from the official-layout ResNet-50 weights, on 16 generated 32 x 32 phantoms
     (12 train, 4 validation: one per class), batch 6, 2 epochs of 2 iterations."""
     out = module_tmp("cls")
-    _ok(_run("train.yaml", {**TINY, "output_dir": str(out), "num_phantoms": 16, "image_size": 32, "batch_size": 6,
-                            "max_epochs": 2, "init_weights": r50_file}))
+    proc = _ok(_run("train.yaml", {**TINY, "output_dir": str(out), "num_phantoms": 16, "image_size": 32,
+                                   "batch_size": 6, "max_epochs": 2, "init_weights": r50_file}))
+    (out.parent / "cls_train.log").write_text(proc.stdout + proc.stderr)
     return out
 
 
@@ -123,6 +125,23 @@ def _phantoms(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
     images, labels = shape_phantoms(n, size, seed)
     return images[:, 0], labels
+
+
+def test_training_prints_one_line_per_epoch_with_the_validation_metrics_and_writes_the_report(probed):
+    log = (probed.parent / "cls_train.log").read_text()
+    assert "Metrics --" not in log and "Iter:" not in log and "%|" not in log, log[-3000:]  # not a terminal
+    ours = [line.split(" - INFO - ", 1)[1] for line in log.splitlines()
+            if " - lvmmed_monai.engines.progress - " in line]
+    assert [line.split(" |")[0] for line in ours[:2]] == ["epoch 1/2", "epoch 2/2"], ours
+    assert all(f"{m} " in line for line in ours[:2] for m in ("val_balanced_accuracy", "val_accuracy", "val_auc"))
+    report = json.loads((probed / "report.json").read_text())
+    balanced, loss = _scalars(probed / "logs", "val_balanced_accuracy"), _scalars(probed / "logs", "train_loss")
+    assert {r["epoch"]: r["val_balanced_accuracy"] for r in report["epochs"]} == pytest.approx(balanced)
+    assert [r["loss"] for r in report["epochs"]] == pytest.approx([(loss[1] + loss[2]) / 2, (loss[3] + loss[4]) / 2])
+    best_epoch = max(balanced, key=lambda e: (balanced[e], -e))  # MONAI keeps the first of equal values
+    assert report["best"] == {"metric": "val_balanced_accuracy", "value": pytest.approx(balanced[best_epoch]),
+                              "epoch": best_epoch}
+    assert ours[2].startswith("done: 2 epochs, 4 iterations") and "models/model_best.pt" in ours[-1]
 
 
 def test_vit_fine_tuning_on_png_jpeg_and_nifti_images(tmp_path, vit_file):

@@ -108,7 +108,8 @@ def pretrain(method: str, args: argparse.Namespace, data: Path, out: Path, probe
     encoder = parser.get_parsed_content("encoder").to(device)  # same seed -> same init for every method
     if method in GM_ABLATIONS:
         criterion = parser.get_parsed_content("criterion")
-        model = LVMMedPretrainModel(encoder, criterion, world_size=1).to(device)
+        model = LVMMedPretrainModel(encoder, criterion, world_size=1,
+                                    local_level=parser.get_parsed_content("local_level")).to(device)
         warmup = FirstOrderWarmup(criterion, int(parser.get_parsed_content("first_order_warmup")))
     elif method == "infonce":
         model = _ContrastiveModel(encoder, SimCLRLoss(encoder.feature_dim, temperature=args.temperature)).to(device)

@@ -19,6 +19,7 @@ import torch
 from ignite.engine import Events
 from ignite.metrics import Average, Metric
 from monai.engines import SupervisedTrainer
+from monai.networks.nets import ResNetFeatures
 from torch import nn
 from torch.optim import Optimizer
 
@@ -133,14 +134,28 @@ class LVMMedPretrainModel(nn.Module):
     the same criterion (projector, GCN, affinities of views of different sizes, IMLE); the loss is the mean
     over the global pair and the ``m`` global-local pairs. The statistics are those of the global pair.
 
+    ``local_level`` (``"layer1"`` .. ``"layer3"``, ResNet-50 only): the local cost of Eq. 3 compares the maps of
+    that stage instead of the last one. Why: at 64 px the last stage is 2 x 2, so its "local" cost is nearly a
+    second global term; layer3 is 4 x 4 there (the paper's 224 px views give layer4 7 x 7). None: the last stage,
+    as the paper.
+
     Besides :class:`LVMMedLoss`'s statistics it reports ``retrieval_accuracy``: the share of images whose
     highest vertex affinity ``c_v`` (Eq. 3, no noise) is with their own other view. The matching
     ``accuracy`` is measured on the solver's Gumbel-perturbed matching, so it stays low (noise of scale 1 on
     affinities in [-1, 1]) even for good features; retrieval shows the features' progress directly.
     """
 
-    def __init__(self, encoder: nn.Module, criterion: LVMMedLoss, world_size: int | None = None) -> None:
+    LOCAL_LEVELS = {"layer1": 1, "layer2": 2, "layer3": 3, "layer4": None}
+
+    def __init__(self, encoder: nn.Module, criterion: LVMMedLoss, world_size: int | None = None,
+                 local_level: str | None = None) -> None:
         super().__init__()
+        if local_level is not None and local_level not in self.LOCAL_LEVELS:
+            raise ValueError(f"local_level must be one of {sorted(self.LOCAL_LEVELS)} or None, got {local_level!r}")
+        self.local_index = self.LOCAL_LEVELS.get(local_level) if local_level is not None else None
+        if self.local_index is not None and not isinstance(encoder, ResNetFeatures):
+            raise ValueError(f"local_level={local_level!r} needs a ResNet encoder (stage maps); "
+                             f"{type(encoder).__name__} has one feature map: leave local_level null")
         if not hasattr(encoder, "feature_map"):
             raise TypeError(f"{type(encoder).__name__} has no feature_map(); use lvmmed_monai.load_encoder")
         if getattr(encoder, "feature_dim", criterion.in_dim) != criterion.in_dim:
@@ -158,22 +173,27 @@ class LVMMedPretrainModel(nn.Module):
         over = {"second_order": second_order, "noise_scale": noise_scale, "lam": self.imle_lam}
         n = image_s.shape[0]
         if image_s.shape == image_t.shape:  # one encoder pass for both views
-            feats = self.encoder.feature_map(torch.cat([image_s, image_t]))
-            feats_s, feats_t = feats[:n], feats[n:]
+            feats, maps = self._features(torch.cat([image_s, image_t]))
+            feats_s, feats_t = feats.split(n)
+            maps_s, maps_t = maps.split(n) if maps is not None else (None, None)
         else:
-            feats_s, feats_t = self.encoder.feature_map(image_s), self.encoder.feature_map(image_t)
-        aff = self.criterion.affinities(feats_s, feats_t, coords_s, coords_t)
+            (feats_s, maps_s), (feats_t, maps_t) = self._features(image_s), self._features(image_t)
+        aff = self.criterion.affinities(feats_s, feats_t, coords_s, coords_t, maps_s, maps_t)
         loss, stats = self.criterion.match(aff, generator, **over)
         if len(local_images) != len(local_coords):
             raise ValueError(f"{len(local_images)} local crops but {len(local_coords)} coordinate maps")
         if local_images:
             same = len({tuple(im.shape) for im in local_images}) == 1
-            feats_l = (self.encoder.feature_map(torch.cat(list(local_images))).split(n) if same
-                       else [self.encoder.feature_map(im) for im in local_images])
+            if same:
+                f_all, m_all = self._features(torch.cat(list(local_images)))
+                m_split = m_all.split(n) if m_all is not None else [None] * len(local_images)
+                feats_l = list(zip(f_all.split(n), m_split, strict=True))
+            else:
+                feats_l = [self._features(im) for im in local_images]
             losses = [loss]
-            for j, (f_l, c_l) in enumerate(zip(feats_l, local_coords, strict=True)):
-                f_g, c_g = (feats_s, coords_s) if j % 2 == 0 else (feats_t, coords_t)
-                aff_l = self.criterion.affinities(f_g, f_l, c_g, c_l)
+            for j, ((f_l, m_l), c_l) in enumerate(zip(feats_l, local_coords, strict=True)):
+                f_g, m_g, c_g = (feats_s, maps_s, coords_s) if j % 2 == 0 else (feats_t, maps_t, coords_t)
+                aff_l = self.criterion.affinities(f_g, f_l, c_g, c_l, m_g, m_l)
                 losses.append(self.criterion.match(aff_l, generator, **over).loss)
             loss = torch.stack(losses).mean()
         with torch.no_grad():  # noise-free view retrieval: is each image's best c_v partner its own other view?
@@ -182,6 +202,15 @@ class LVMMedPretrainModel(nn.Module):
         if self.criterion.reduction == "sum":
             loss = loss * self.world_size
         return LVMMedLossOutput(loss, stats)
+
+
+    def _features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The last stage's maps (projector and global cost) and, with ``local_level``, that stage's maps (local
+        cost; None otherwise: the last stage serves both)."""
+        if self.local_index is None:
+            return self.encoder.feature_map(x), None
+        levels = self.encoder(x)
+        return levels[-1], levels[self.local_index]
 
 
 class RNGState:

@@ -207,20 +207,34 @@ class LVMMedLoss(nn.Module):
         feats_t: Tensor,
         coords_s: Tensor | None = None,
         coords_t: Tensor | None = None,
+        local_s: Tensor | None = None,
+        local_t: Tensor | None = None,
     ) -> GraphAffinities:
-        """Projector, kNN graphs, GCN and the affinities of Eq. 3-4 (float32, autocast off)."""
+        """Projector, kNN graphs, GCN and the affinities of Eq. 3-4 (float32, autocast off).
+
+        ``local_s`` / ``local_t``: ``(N, C, R', S')`` maps for the local cost instead of ``feats_s`` /
+        ``feats_t`` (e.g. an earlier encoder stage, finer than the last one on small images); both or neither.
+        """
         self._check(feats_s, feats_t, coords_s, coords_t)
+        if (local_s is None) != (local_t is None):
+            raise ValueError("give local_s and local_t together (the local cost's maps of both views), or neither")
+        if local_s is not None:
+            for name, m, f in (("local_s", local_s, feats_s), ("local_t", local_t, feats_t)):
+                if m.dim() != 4 or m.shape[0] != f.shape[0] or m.shape[1] != local_s.shape[1]:
+                    raise ValueError(f"{name} must be (N={f.shape[0]}, C, R, S) maps with the channels of "
+                                     f"local_s, got {tuple(m.shape)}")
         g, n = feats_s.shape[0] // self.graph_size, self.graph_size
         with torch.autocast(device_type=feats_s.device.type, enabled=False):
             ys, yt = feats_s.float(), feats_t.float()
             pooled = [ys.mean((2, 3)), yt.mean((2, 3))]  # Avg of Sec. 3.2.1, (N, D)
             local = {}
             if self.local_cost:
+                ms, mt = (ys, yt) if local_s is None else (local_s.float(), local_t.float())
                 local = {
-                    "ys": ys.flatten(2).transpose(1, 2).reshape(g, n, -1, self.in_dim),  # (G, n, P, D)
-                    "yt": yt.flatten(2).transpose(1, 2).reshape(g, n, -1, self.in_dim),
-                    "pos_s": self._positions(coords_s, ys, g, n),
-                    "pos_t": self._positions(coords_t, yt, g, n),
+                    "ys": ms.flatten(2).transpose(1, 2).reshape(g, n, -1, ms.shape[1]),  # (G, n, P, D)
+                    "yt": mt.flatten(2).transpose(1, 2).reshape(g, n, -1, mt.shape[1]),
+                    "pos_s": self._positions(coords_s, ms, g, n),
+                    "pos_t": self._positions(coords_t, mt, g, n),
                 }
             if self.check_inputs:
                 self._check_values(pooled, [local["pos_s"], local["pos_t"]] if local else [])
@@ -281,6 +295,8 @@ class LVMMedLoss(nn.Module):
         coords_s: Tensor | None = None,
         coords_t: Tensor | None = None,
         generator: torch.Generator | None = None,
+        local_s: Tensor | None = None,
+        local_t: Tensor | None = None,
         **overrides: float | bool | None,
     ) -> LVMMedLossOutput:
         """One step's loss (``overrides``: ``second_order``, ``noise_scale``, ``lam`` for this call, see
@@ -293,8 +309,11 @@ class LVMMedLoss(nn.Module):
                 (``LVMMedViewsd``'s ``coords_s``/``coords_t``, or already ``(N, 2, R, S)``); average-pooled
                 to the feature grid. Needed only with ``local_cost``.
             generator: optional RNG for the Gumbel noise (reproducible steps).
+            local_s, local_t: maps for the local cost instead of ``feats_s`` / ``feats_t`` (see
+                :meth:`affinities`).
 
         Returns:
             :class:`LVMMedLossOutput` ``(loss, stats)``.
         """
-        return self.match(self.affinities(feats_s, feats_t, coords_s, coords_t), generator, **overrides)
+        aff = self.affinities(feats_s, feats_t, coords_s, coords_t, local_s, local_t)
+        return self.match(aff, generator, **overrides)

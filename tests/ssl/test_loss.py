@@ -257,3 +257,68 @@ def _forward_matching(crit: LVMMedLoss, aff) -> torch.Tensor:
 
     return imle_qap(aff.c_v.detach(), aff.c_e.detach(), aff.edges_s, aff.edges_t, lam=crit.lam,
                     step=crit.imle_step, noise_scale=crit.noise_scale, generator=torch.Generator().manual_seed(0))
+
+
+def test_local_maps_replace_the_last_stage_in_the_local_cost_only():
+    """affinities(..., local_s, local_t): c_v = alpha * global cosine of the (last-stage) pooled embeddings
+    + (1 - alpha) * local cost of the given maps at their own grid (vertex_affinity called by hand)."""
+    from lvmmed_monai.ssl.affinity import vertex_affinity
+
+    fs, ft, cs, ct = _maps()
+    g = torch.Generator().manual_seed(3)
+    ms, mt = torch.randn(N, 5, 6, 6, generator=g), torch.randn(N, 5, 6, 6, generator=g)  # finer, other width
+    torch.manual_seed(0)
+    crit = LVMMedLoss(in_dim=D, gamma=4)
+    aff = crit.affinities(fs, ft, cs, ct, ms, mt)
+    base = crit.affinities(fs, ft, cs, ct)
+    torch.testing.assert_close(aff.c_e, base.c_e)  # the graphs and the edge term come from the last stage
+    z = torch.cat([crit.projector(fs.mean((2, 3))), crit.projector(ft.mean((2, 3)))])
+    z_hat, _ = crit._graphs(z.view(4, 16, -1))
+    grid = {k: pool_coords(c, (6, 6)).flatten(2).transpose(1, 2).reshape(2, 16, 36, 2) for k, c in
+            (("s", cs), ("t", ct))}
+    maps = {k: m.flatten(2).transpose(1, 2).reshape(2, 16, 36, 5) for k, m in (("s", ms), ("t", mt))}
+    expected = vertex_affinity(z_hat[:2], z_hat[2:], maps["s"], maps["t"], grid["s"], grid["t"], alpha=0.8, gamma=4)
+    torch.testing.assert_close(aff.c_v, expected)
+    assert not torch.allclose(aff.c_v, base.c_v)
+    with pytest.raises(ValueError, match="together"):
+        crit.affinities(fs, ft, cs, ct, ms, None)
+    with pytest.raises(ValueError, match="local_t must be"):
+        crit.affinities(fs, ft, cs, ct, ms, mt[:, :3])
+
+
+def test_local_level_takes_the_local_cost_from_that_resnet_stage():
+    """LVMMedPretrainModel(local_level="layer3") on the LVM-Med ResNet-50: the loss is the criterion's on the
+    last stage with layer3's maps for the local cost, gradients reach the encoder; a ViT-like encoder and an
+    unknown level are refused."""
+    from lvmmed_monai.encoders import LVMMedResNet50
+    from lvmmed_monai.engines import LVMMedPretrainModel
+
+    torch.manual_seed(0)
+    enc = LVMMedResNet50()
+    model = LVMMedPretrainModel(enc, LVMMedLoss(in_dim=2048, graph_size=8, k=3, gumbel=False, gamma=4),
+                                world_size=1, local_level="layer3")
+    g = torch.Generator().manual_seed(1)
+    img_s, img_t = torch.rand(16, 3, 64, 64, generator=g), torch.rand(16, 3, 64, 64, generator=g)
+    c_s, c_t = torch.rand(16, 2, 64, 64, generator=g), torch.rand(16, 2, 64, 64, generator=g)
+    enc.eval()  # BatchNorm statistics of the batch: the same in the model's one pass and the reference's
+    loss, _ = model(img_s, img_t, c_s, c_t)
+    with torch.no_grad():
+        levels = enc(torch.cat([img_s, img_t]))
+    f_s, f_t = levels[4].split(16)
+    l_s, l_t = levels[3].split(16)
+    assert l_s.shape[-2:] == (4, 4) and f_s.shape[-2:] == (2, 2)
+    expected = model.criterion(f_s, f_t, c_s, c_t, local_s=l_s, local_t=l_t).loss
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    loss.backward()
+    assert enc.layer3[0].conv1.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="local_level must be one of"):
+        LVMMedPretrainModel(enc, model.criterion, world_size=1, local_level="layer5")
+
+    class OneMap(nn.Module):
+        feature_dim = 2048
+
+        def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    with pytest.raises(ValueError, match="needs a ResNet encoder"):
+        LVMMedPretrainModel(OneMap(), model.criterion, world_size=1, local_level="layer2")

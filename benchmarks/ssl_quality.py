@@ -200,7 +200,7 @@ def main() -> None:
     args = parse_args()
     from monai.data import set_track_meta
 
-    from lvmmed_monai.weights import atomic_open
+    from lvmmed_monai.io import atomic_open
 
     set_track_meta(False)
     start = time.perf_counter()

@@ -24,7 +24,6 @@ import http.client
 import os
 import pickle
 import re
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -32,13 +31,15 @@ import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed_nhwc
 from timm.models import adapt_input_conv
 from torch import nn
+
+from lvmmed_monai.io import atomic_open, save_atomic
 
 __all__ = [
     "OFFICIAL_WEIGHTS",
@@ -62,7 +63,6 @@ __all__ = [
     "load_weights",
     "resolve_weights",
     "download",
-    "save_atomic",
     "PRETRAIN_META_KEY",
     "LoadsWeights",
     "export_encoder",
@@ -496,29 +496,6 @@ class LoadsWeights:
         source = weights if isinstance(weights, Mapping) else resolve_weights(weights)
         self.load_report = load_weights(self, source, strict=strict, check_finite=check_finite)
         return self.load_report
-
-
-@contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "wb", suffix: str = ".tmp") -> Iterator[IO]:
-    """Write ``path`` through a temporary file beside it: renamed over ``path`` when the block succeeds,
-    deleted when it raises, so readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    try:
-        with os.fdopen(fd, mode) as fh:
-            yield fh
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, then rename: never a half-written checkpoint."""
-    with atomic_open(path) as fh:
-        torch.save(obj, fh)
-    return Path(path)
 
 
 def _sha256(path: Path) -> str:

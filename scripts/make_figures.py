@@ -67,8 +67,7 @@ def read_scalars(logdir: str | os.PathLike) -> dict[str, list[tuple[int, float]]
 
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
     """Save ``fig`` as a PNG through a temporary file and a rename (mode 0644 less the umask), then close it."""
-    from lvmmed_monai.data.writers import make_readable
-    from lvmmed_monai.weights import atomic_open
+    from lvmmed_monai.io import atomic_open, make_readable
 
     try:
         with atomic_open(path, "wb", suffix=".png") as fh:

@@ -32,8 +32,8 @@ from lvmmed_monai.data.volumes import (
     classification_data,
     classification_datalist,
 )
-from lvmmed_monai.data.writers import make_readable, write_folder_once
-from lvmmed_monai.weights import atomic_open
+from lvmmed_monai.data.writers import write_folder_once
+from lvmmed_monai.io import atomic_open, make_readable
 
 __all__ = ["SHAPE_CLASSES", "write_shape_phantoms", "image_classification_data", "image_classification_datalist",
            "classification_inputs", "save_class_names", "model_class_names"]

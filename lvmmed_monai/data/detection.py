@@ -29,8 +29,8 @@ import numpy as np
 
 from lvmmed_monai.data.pretrain import IMAGE_EXTENSIONS, PretrainDataError, collect_files
 from lvmmed_monai.data.volumes import VolumeDataError, _check_2d, _is_empty, split_train_val
-from lvmmed_monai.data.writers import make_readable, write_folder_once
-from lvmmed_monai.weights import atomic_open
+from lvmmed_monai.data.writers import write_folder_once
+from lvmmed_monai.io import atomic_open, make_readable
 
 __all__ = ["DETECTION_CLASSES", "ANNOTATION_FILE", "CATEGORIES_FILE", "detection_phantoms",
            "write_detection_phantoms", "read_coco", "detection_data", "detection_datalist", "detection_inputs",

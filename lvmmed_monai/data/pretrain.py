@@ -30,7 +30,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import LoadImage, MapTransform
 
-from lvmmed_monai.weights import atomic_open
+from lvmmed_monai.io import atomic_open
 
 __all__ = [
     "PretrainDataError",

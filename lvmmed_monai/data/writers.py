@@ -20,18 +20,10 @@ from typing import Any
 from monai.config import PathLike
 from monai.data import NibabelWriter, PILWriter
 
+from lvmmed_monai.io import make_readable
+
 __all__ = ["AtomicWriteMixin", "AtomicNibabelWriter", "AtomicPILWriter", "atomic_writer", "build_folder",
-           "write_folder_once", "make_readable"]
-
-
-def make_readable(*paths: str | os.PathLike) -> None:
-    """Give files written through a temporary file (``mkstemp``: mode 0600, e.g.
-    :func:`~lvmmed_monai.weights.atomic_open`) the usual mode of new files, 0644 less the umask (folders
-    made by ``mkdtemp``, 0700: 0755 less the umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in paths:
-        os.chmod(path, (0o755 if os.path.isdir(path) else 0o644) & ~umask)
+           "write_folder_once"]
 
 
 class AtomicWriteMixin:

@@ -26,9 +26,8 @@ from ignite.engine import Engine, Events
 from monai.handlers import IgniteMetricHandler
 from monai.metrics import ConfusionMatrixMetric
 
-from lvmmed_monai.data.writers import make_readable
 from lvmmed_monai.engines.segmentation import _case_name, _finite_or_none
-from lvmmed_monai.weights import atomic_open
+from lvmmed_monai.io import atomic_open, make_readable
 
 __all__ = ["BalancedAccuracyMetric", "BalancedAccuracy", "ClassificationReport"]
 

@@ -39,8 +39,7 @@ from monai.handlers import from_engine
 from monai.utils import convert_to_tensor
 from torch import nn
 
-from lvmmed_monai.data.writers import make_readable
-from lvmmed_monai.weights import atomic_open
+from lvmmed_monai.io import atomic_open, make_readable
 
 __all__ = ["DetectionPrepareBatch", "DetectionLoss", "detection_loss_terms",
            "match_detections", "ap_from_matches", "average_precision", "DetectionAP", "per_class_ap",

@@ -25,7 +25,7 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
 
-from lvmmed_monai.weights import atomic_open
+from lvmmed_monai.io import atomic_open
 
 __all__ = ["progress_enabled", "every", "output_scalars", "TrainingProgressBar", "TrainingSummary",
            "format_duration"]

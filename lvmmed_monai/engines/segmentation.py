@@ -22,9 +22,8 @@ import torch
 from ignite.engine import Engine, Events
 from monai.handlers import MeanIoUHandler
 
-from lvmmed_monai.data.writers import make_readable
 from lvmmed_monai.engines.hybrid import per_class_handlers
-from lvmmed_monai.weights import atomic_open
+from lvmmed_monai.io import atomic_open, make_readable
 
 __all__ = ["per_class_iou", "SegmentationReport"]
 

@@ -20,10 +20,10 @@ import torch
 import torchvision
 
 from lvmmed_monai.data.synthetic import phantom_batch
+from lvmmed_monai.data.views import LVMMedViewsd
 from lvmmed_monai.ssl.imle import gumbel_noise
 from lvmmed_monai.ssl.loss import LVMMedLoss
 from lvmmed_monai.ssl.matching import lawler_from_edges, qap_objective, solve_qap
-from lvmmed_monai.ssl.views import LVMMedViewsd
 
 
 @torch.no_grad()

@@ -25,9 +25,9 @@ from monai.losses import ContrastiveLoss
 from torch import nn
 from torchvision.models import resnet50
 
+from lvmmed_monai.data.views import LVMMedViewsd
 from lvmmed_monai.ssl.imle import hamming_loss, imle_qap
 from lvmmed_monai.ssl.loss import LVMMedLoss
-from lvmmed_monai.ssl.views import LVMMedViewsd
 
 
 def _sync(device: torch.device) -> None:

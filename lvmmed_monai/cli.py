@@ -160,9 +160,11 @@ def _cmd_mr_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_nnunet_path(_: argparse.Namespace) -> int:
-    from nnunet_plugin import PLUGIN_DIR
+    """The folder of the nnU-Net trainers, through package resources: the library never imports the plugin
+    (which imports nnU-Net and the library)."""
+    from importlib.resources import files
 
-    print(PLUGIN_DIR)
+    print(Path(str(files("nnunet_plugin"))).resolve())
     return 0
 
 

@@ -135,7 +135,7 @@ def compare_encoders(
     (:func:`~lvmmed_monai.data.phantoms.shape_phantoms`, ``num_train`` + ``num_test``).
     The random encoder has the same architecture, seeded with ``seed``.
     """
-    from lvmmed_monai.engines.pretrain import build_encoder, input_normalization
+    from lvmmed_monai.encoders import build_encoder, input_normalization
 
     (xtr, ytr, xte, yte), classes = labeled_split(data, image_size, num_train, num_test, seed)
     mean, std = input_normalization(encoder_name)

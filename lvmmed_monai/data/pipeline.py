@@ -18,8 +18,8 @@ from monai.transforms import Compose, NormalizeIntensityd, SelectItemsd
 from lvmmed_monai.data.phantoms import write_default_collection
 from lvmmed_monai.data.pretrain import LoadSliced, prepare_slices
 from lvmmed_monai.data.sampling import SeededViewsDataset
-from lvmmed_monai.engines.distributed import get_rank
-from lvmmed_monai.ssl.views import LVMMedViewsd
+from lvmmed_monai.data.views import LVMMedViewsd
+from lvmmed_monai.process_group import get_rank
 
 __all__ = ["pretrain_index", "pretrain_dataset"]
 
@@ -82,7 +82,7 @@ def pretrain_dataset(
             by :class:`~lvmmed_monai.engines.LVMMedPretrainModel` (paper: multi-crop as VICRegL; 0 = off).
         local_size: their size; None = ``image_size * 96 / 224`` (96 px at 224 px, as VICRegL and DINO), >= 16.
     """
-    from lvmmed_monai.engines.pretrain import input_normalization
+    from lvmmed_monai.encoders import input_normalization
 
     load = [LoadSliced("image"), SelectItemsd(["image"])]
     items = [dict(e) for e in index]

@@ -24,7 +24,7 @@ from monai.transforms import Randomizable
 from torch.utils.data import Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from lvmmed_monai.ssl.views import share_random_state
+from lvmmed_monai.data.views import share_random_state
 
 __all__ = ["GlobalBatchSampler", "SeededViewsDataset", "derive_seed"]
 

@@ -190,7 +190,7 @@ def inference_datalist(data: Data, default_dir: str | os.PathLike, output_ext: s
 def input_stats(encoder_name: str, in_channels: int) -> tuple[list[float], list[float]]:
     """Per-channel ``(mean, std)`` for inputs in ``[0, 1]`` (``NormalizeIntensityd(channel_wise=True)``): the
     encoder's RGB statistics for 3 channels, their averages for every channel otherwise (grey images)."""
-    from lvmmed_monai.engines.pretrain import input_normalization
+    from lvmmed_monai.encoders import input_normalization
 
     mean, std = input_normalization(encoder_name)
     if int(in_channels) == 3:

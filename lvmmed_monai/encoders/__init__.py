@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from lvmmed_monai.config_values import as_int
 from lvmmed_monai.encoders.resnet import IMAGENET_MEAN, IMAGENET_STD, LVMMedResNet50
 from lvmmed_monai.encoders.vit import SAM_PIXEL_MEAN, SAM_PIXEL_STD, LVMMedViTB
 
@@ -20,6 +21,8 @@ __all__ = [
     "IMAGENET_STD",
     "SAM_PIXEL_MEAN",
     "SAM_PIXEL_STD",
+    "input_normalization",
+    "build_encoder",
 ]
 
 ENCODERS: dict[str, type[nn.Module]] = {"lvmmed_resnet50": LVMMedResNet50, "lvmmed_vit_b": LVMMedViTB}
@@ -39,6 +42,36 @@ def load_encoder(
     (``check_finite=False`` loads it anyway). Extra ``kwargs`` go to the encoder class (e.g. ``img_size``
     for the ViT).
     """
+    return _encoder_class(name)(in_channels=in_channels, weights=weights, **kwargs)
+
+
+def _encoder_class(name: str) -> type[nn.Module]:
     if name not in ENCODERS:
         raise ValueError(f"unknown encoder {name!r}; valid names: {sorted(ENCODERS)}")
-    return ENCODERS[name](in_channels=in_channels, weights=weights, **kwargs)
+    return ENCODERS[name]
+
+
+def input_normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` for inputs in ``[0, 1]`` of the encoder ``name`` (its class's ``input_mean`` /
+    ``input_std``): ImageNet's for the ResNet-50, SAM's (/255) for the ViT."""
+    cls = _encoder_class(name)
+    return tuple(cls.input_mean), tuple(cls.input_std)
+
+
+def build_encoder(
+    name: str, image_size: int, weights: str | None = None, zero_init_residual: bool = False
+) -> nn.Module:
+    """The encoder to pretrain (3 input channels, the official layouts' stem); the ViT gets ``img_size``
+    tables for ``image_size`` and its SAM neck, unused by ``feature_map``, is frozen (DDP needs every
+    trainable parameter to get a gradient). ``zero_init_residual`` (ResNet-50, random init only): every
+    residual block starts as the identity (see :class:`~lvmmed_monai.encoders.LVMMedResNet50`)."""
+    image_size = as_int(image_size, "image_size")
+    kwargs = {"img_size": image_size} if name == "lvmmed_vit_b" else {}
+    if zero_init_residual:
+        if name != "lvmmed_resnet50":
+            raise ValueError(f"zero_init_residual applies to lvmmed_resnet50 only, not {name!r}; set it to false")
+        kwargs["zero_init_residual"] = True
+    encoder = load_encoder(name, weights=weights, in_channels=3, **kwargs)
+    if hasattr(encoder, "neck"):
+        encoder.neck.requires_grad_(False)
+    return encoder

@@ -46,6 +46,7 @@ class LVMMedResNet50(ResNetFeatures, BaseEncoder, LoadsWeights):
     first_conv_key = "conv1.weight"
     feature_dim = 2048
     feature_stride = 32
+    input_mean, input_std = IMAGENET_MEAN, IMAGENET_STD  # for inputs in [0, 1] (torchvision's ImageNet statistics)
 
     def __init__(
         self,

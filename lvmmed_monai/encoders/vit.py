@@ -41,6 +41,9 @@ class LVMMedViTB(VisionTransformerSAM, LoadsWeights):
     first_conv_key = "patch_embed.proj.weight"
     feature_dim = 768
     feature_stride = 16
+    # for inputs in [0, 1]: SAM's pixel statistics, given on the 0-255 scale
+    input_mean = tuple(m / 255 for m in SAM_PIXEL_MEAN)
+    input_std = tuple(s / 255 for s in SAM_PIXEL_STD)
 
     def __init__(
         self,

@@ -2,6 +2,9 @@
 the 2D-3D hybrid workflows (``lvmmed_hybrid3d``), 2D / slice-by-slice segmentation (``lvmmed_seg``) and 2D
 classification (``lvmmed_cls``)."""
 
+# re-exported: bundle configs read knobs and encoder facts as lvmmed_monai.engines.<name>
+from lvmmed_monai.config_values import as_bool, as_int, missing_setting, optional_path
+from lvmmed_monai.encoders import build_encoder, input_normalization
 from lvmmed_monai.engines.classification import BalancedAccuracy, BalancedAccuracyMetric, ClassificationReport
 from lvmmed_monai.engines.detection import (
     DetectionAP,
@@ -37,7 +40,6 @@ from lvmmed_monai.engines.hybrid import (
     Joint3DTrainer,
     load_hybrid_backbone,
     load_stage_checkpoint,
-    optional_path,
     per_class_dice,
     resolve_checkpoint,
 )
@@ -45,13 +47,8 @@ from lvmmed_monai.engines.pretrain import (
     LVMMedPretrainModel,
     LVMMedPretrainTrainer,
     RNGState,
-    as_bool,
-    as_int,
-    build_encoder,
     epoch_means,
     halving_milestones,
-    input_normalization,
-    missing_setting,
     view_inputs,
 )
 from lvmmed_monai.engines.progress import (

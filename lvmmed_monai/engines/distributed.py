@@ -15,25 +15,10 @@ import torch.distributed as dist
 import torch.distributed.nn as dist_nn
 from torch import nn
 
+from lvmmed_monai.process_group import get_rank, get_world_size, is_distributed, is_main_process
+
 __all__ = ["init_distributed", "distributed_setup", "is_distributed", "get_rank", "get_world_size", "GlobalBatchNorm2d",
            "convert_sync_batchnorm", "wrap_ddp", "is_main_process"]
-
-
-def is_distributed() -> bool:
-    """True inside an initialised process group of more than one process."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def get_rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def get_world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def is_main_process() -> bool:
-    return get_rank() == 0
 
 
 def init_distributed(backend: str | None = None) -> torch.device:

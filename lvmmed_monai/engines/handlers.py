@@ -232,7 +232,7 @@ class OnlineProbe:
 
     def compute(self) -> float:
         """The kNN accuracy of the encoder now (eval mode, no gradients; its mode is restored)."""
-        from lvmmed_monai.engines.pretrain import input_normalization
+        from lvmmed_monai.encoders import input_normalization
         from lvmmed_monai.evaluation import embed, knn_accuracy
 
         device, was_training = self._device(), self.encoder.training

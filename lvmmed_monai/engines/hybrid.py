@@ -26,22 +26,15 @@ from monai.handlers import MeanDice, from_engine
 from torch import nn
 from torch.optim import Optimizer
 
+from lvmmed_monai.config_values import optional_path
 from lvmmed_monai.data.sampling import derive_seed
 from lvmmed_monai.engines.handlers import latest_checkpoint
 from lvmmed_monai.ssl.joint3d import Joint3DLoss
 
-__all__ = ["Joint3DTrainer", "GradientClipHandler", "optional_path", "resolve_checkpoint", "load_stage_checkpoint",
+__all__ = ["Joint3DTrainer", "GradientClipHandler", "resolve_checkpoint", "load_stage_checkpoint",
            "load_hybrid_backbone", "per_class_dice", "per_class_handlers"]
 
 logger = logging.getLogger(__name__)
-
-
-def optional_path(value: str | os.PathLike | None) -> str | None:
-    """A path config value, or None for ``None`` / "" / "null" / "none" (``--key null`` reaches a bundle as
-    the string "null")."""
-    if value is None or str(value).strip().lower() in ("", "null", "none"):
-        return None
-    return str(value)
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> str:

@@ -23,9 +23,10 @@ from monai.networks.nets import ResNetFeatures
 from torch import nn
 from torch.optim import Optimizer
 
+from lvmmed_monai.config_values import as_bool, as_int, missing_setting
 from lvmmed_monai.data.sampling import GlobalBatchSampler, derive_seed
-from lvmmed_monai.encoders import IMAGENET_MEAN, IMAGENET_STD, SAM_PIXEL_MEAN, SAM_PIXEL_STD, load_encoder
-from lvmmed_monai.engines.distributed import get_rank, get_world_size, is_distributed
+from lvmmed_monai.encoders import build_encoder, input_normalization
+from lvmmed_monai.process_group import get_rank, get_world_size, is_distributed
 from lvmmed_monai.ssl.loss import LVMMedLoss, LVMMedLossOutput
 
 __all__ = ["as_bool", "as_int", "missing_setting", "LVMMedPretrainModel", "LVMMedPretrainTrainer", "RNGState",
@@ -51,61 +52,6 @@ def view_inputs(batch: Mapping[str, torch.Tensor], device: str | torch.device, n
         x["local_images"] = [batch[f"image_l{j}"].to(device, non_blocking=non_blocking) for j in range(m)]
         x["local_coords"] = [batch[f"coords_l{j}"].to(device, non_blocking=non_blocking) for j in range(m)]
     return x
-
-
-def as_bool(value: bool | int | str) -> bool:
-    """A config flag as a bool. ``--flag false`` reaches a bundle as the *string* "false" (fire only parses
-    ``False``), which Python reads as true; this accepts bools, 0/1 and true/false/yes/no/on/off strings."""
-    if isinstance(value, (bool, int)) and value in (0, 1):
-        return bool(value)
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes", "on"):
-        return True
-    if text in ("false", "0", "no", "off", "none", "null", ""):
-        return False
-    raise ValueError(f"expected a boolean flag (true/false), got {value!r}")
-
-
-def as_int(value: int | str, name: str, minimum: int = 1) -> int:
-    """A config number as an int >= ``minimum``; a wrong-typed override (``--image_size abc``) raises a
-    TypeError naming the knob instead of failing later inside a transform."""
-    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().lstrip("+").isdigit():
-        raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r}: pass a number, e.g. --{name} 224")
-    if int(value) < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def missing_setting(name: str, hint: str) -> None:
-    """A config key without a default (e.g. ``init_weights`` in the paper preset): raises a ValueError naming the
-    key and what to pass. Referenced as the key's value, it runs only when no ``--name`` override replaced it."""
-    raise ValueError(f"{name} has no default in this configuration: {hint}")
-
-
-def build_encoder(
-    name: str, image_size: int, weights: str | None = None, zero_init_residual: bool = False
-) -> nn.Module:
-    """The encoder to pretrain (3 input channels, the official layouts' stem); the ViT gets ``img_size``
-    tables for ``image_size`` and its SAM neck, unused by ``feature_map``, is frozen (DDP needs every
-    trainable parameter to get a gradient). ``zero_init_residual`` (ResNet-50, random init only): every
-    residual block starts as the identity (see :class:`~lvmmed_monai.encoders.LVMMedResNet50`)."""
-    image_size = as_int(image_size, "image_size")
-    kwargs = {"img_size": image_size} if name == "lvmmed_vit_b" else {}
-    if zero_init_residual:
-        if name != "lvmmed_resnet50":
-            raise ValueError(f"zero_init_residual applies to lvmmed_resnet50 only, not {name!r}; set it to false")
-        kwargs["zero_init_residual"] = True
-    encoder = load_encoder(name, weights=weights, in_channels=3, **kwargs)
-    if hasattr(encoder, "neck"):
-        encoder.neck.requires_grad_(False)
-    return encoder
-
-
-def input_normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """``(mean, std)`` for inputs in ``[0, 1]``: ImageNet's for the ResNet-50, SAM's (/255) for the ViT."""
-    if name == "lvmmed_vit_b":
-        return tuple(m / 255 for m in SAM_PIXEL_MEAN), tuple(s / 255 for s in SAM_PIXEL_STD)
-    return IMAGENET_MEAN, IMAGENET_STD
 
 
 def halving_milestones(total_iterations: int, num_halvings: int = 4) -> list[int]:

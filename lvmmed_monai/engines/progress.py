@@ -38,7 +38,7 @@ def progress_enabled(value: bool | int | str = "auto") -> bool:
     so CI logs and redirected output get the epoch lines only), or a boolean (``true``/``false``/``1``/``0``)."""
     if isinstance(value, str) and value.strip().lower() == "auto":
         return sys.stdout.isatty() and sys.stderr.isatty()
-    from lvmmed_monai.engines.pretrain import as_bool
+    from lvmmed_monai.config_values import as_bool
 
     return as_bool(value)
 

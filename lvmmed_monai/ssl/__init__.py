@@ -1,6 +1,7 @@
 """LVM-Med's graph-matching self-supervised learning (NeurIPS 2023, Sec. 3.2), one concept per module.
 
-* :mod:`~lvmmed_monai.ssl.views`: two augmented views per image plus original-image coordinate maps;
+* the two augmented views per image with their original-image coordinate maps are data transforms
+  (:mod:`lvmmed_monai.data.views`), re-exported here with the method;
 * :mod:`~lvmmed_monai.ssl.graph`: kNN graphs, the GCN of Eq. 1 and the projector;
 * :mod:`~lvmmed_monai.ssl.affinity`: vertex (global + local, Eq. 2-3) and edge (Eq. 4) affinities;
 * :mod:`~lvmmed_monai.ssl.matching`: batched LAP / QAP solvers (``solve_qap``);
@@ -10,6 +11,7 @@
 * :mod:`~lvmmed_monai.ssl.joint3d`: the Joint 2D-3D SSL tasks (Sinkhorn clustering, masked slices).
 """
 
+from lvmmed_monai.data.views import LVMMedViewsd, coordinate_grid, pool_coords, transform_with_coords
 from lvmmed_monai.ssl.affinity import edge_affinity, global_affinity, local_affinity, vertex_affinity
 from lvmmed_monai.ssl.contrastive import SimCLRLoss
 from lvmmed_monai.ssl.graph import GCN, Projector, knn_adjacency, knn_graph, normalized_adjacency
@@ -17,7 +19,6 @@ from lvmmed_monai.ssl.imle import hamming_loss, imle_qap
 from lvmmed_monai.ssl.joint3d import ClusteringAgreementLoss, Joint3DLoss, MaskedSliceModeling, set_training_stage
 from lvmmed_monai.ssl.loss import GraphAffinities, LVMMedLoss, LVMMedLossOutput
 from lvmmed_monai.ssl.matching import QAP_SOLVERS, lawler_from_edges, qap_objective, solve_lap, solve_qap
-from lvmmed_monai.ssl.views import LVMMedViewsd, coordinate_grid, pool_coords, transform_with_coords
 
 __all__ = [
     "LVMMedViewsd", "coordinate_grid", "pool_coords", "transform_with_coords",

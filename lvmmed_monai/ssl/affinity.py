@@ -159,7 +159,7 @@ def local_affinity(
         ys: ``(G, n, P, D)`` feature vectors of the s views at their ``P = R * S`` feature-map positions.
         yt: ``(G, n, Q, D)`` the same for the t views (``Q`` may differ from ``P``, e.g. multi-crop).
         pos_s, pos_t: ``(G, n, P, 2)`` / ``(G, n, Q, 2)`` normalised original-image ``(y, x)`` of those
-            positions (see :func:`lvmmed_monai.ssl.views.pool_coords`).
+            positions (see :func:`lvmmed_monai.data.views.pool_coords`).
         gamma: pairs kept by ``select_top`` per direction and pairing type, see :func:`num_kept`.
         max_elements: chunk graphs so that each chunk's ``(G_c, n, n, P, Q)`` tensors stay below this size.
 

@@ -30,11 +30,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from lvmmed_monai.data.views import pool_coords
 from lvmmed_monai.ssl.affinity import EDGE_FORMS, edge_affinity, num_kept, vertex_affinity
 from lvmmed_monai.ssl.graph import GCN, GCN_FORMS, Projector, knn_adjacency, knn_graph, normalized_adjacency
 from lvmmed_monai.ssl.imle import STEP_KINDS, hamming_loss, imle_qap
 from lvmmed_monai.ssl.matching import pair_products
-from lvmmed_monai.ssl.views import pool_coords
 
 __all__ = ["LVMMedLoss", "LVMMedLossOutput", "GraphAffinities"]
 

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from torchvision.models import resnet50
 
+from lvmmed_monai.data.views import LVMMedViewsd, pool_coords
 from lvmmed_monai.ssl.loss import LVMMedLoss
-from lvmmed_monai.ssl.views import LVMMedViewsd, pool_coords
 
 N, D = 32, 24  # two graphs of 16 nodes; small feature width for the fast tests
 

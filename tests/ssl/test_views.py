@@ -8,7 +8,7 @@ import torch
 from monai.data import DataLoader, Dataset
 from monai.transforms import Compose, Flip, Resize, SpatialCrop
 
-from lvmmed_monai.ssl.views import LVMMedViewsd, coordinate_grid, pool_coords, transform_with_coords
+from lvmmed_monai.data.views import LVMMedViewsd, coordinate_grid, pool_coords, transform_with_coords
 
 NO_INTENSITY = {"jitter_prob": 0.0, "blur_prob": 0.0, "noise_prob": 0.0}
 
@@ -136,7 +136,7 @@ def test_bad_inputs():
 def test_share_random_state_reaches_nested_transforms_and_replays_from_the_seed():
     from monai.transforms import Lambdad, RandFlipd, RandGaussianNoised
 
-    from lvmmed_monai.ssl.views import share_random_state
+    from lvmmed_monai.data.views import share_random_state
 
     def build() -> Compose:
         return Compose([RandFlipd("x", prob=0.5), Compose([RandGaussianNoised("x", prob=1.0)]),

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser
 
-from lvmmed_monai.data.phantoms import _torso_ct
+from lvmmed_monai.data.phantoms import torso_ct
 
 CONFIG = Path(__file__).resolve().parents[1] / "bundles" / "lvmmed_seg" / "configs" / "inference.yaml"
 
@@ -60,7 +60,7 @@ def bundle_components(args: argparse.Namespace) -> ConfigParser:
 
 def load_volume(parser: ConfigParser, size: tuple[int, int, int], slices: int | None, folder: Path) -> torch.Tensor:
     """A torso phantom of ``size`` written as NIfTI, read by the config's preprocessing: ``(1, 1, X, Y, Z)``."""
-    volume = _torso_ct(np.random.default_rng(0), size).astype(np.int16)
+    volume = torso_ct(np.random.default_rng(0), size).astype(np.int16)
     nib.save(nib.Nifti1Image(volume, np.diag([1.0, 1.0, 1.0, 1.0])), folder / "volume.nii.gz")
     image = parser.get_parsed_content("preprocessing")({"image": str(folder / "volume.nii.gz")})["image"]
     image = torch.as_tensor(image)[None]

@@ -27,10 +27,10 @@ from lvmmed_monai.data.pretrain import PretrainDataError, collect_files
 from lvmmed_monai.data.volumes import (
     Data,
     VolumeDataError,
-    _check_2d,
-    _is_empty,
+    check_2d,
     classification_data,
     classification_datalist,
+    is_empty,
 )
 from lvmmed_monai.data.writers import write_folder_once
 from lvmmed_monai.io import atomic_open, make_readable
@@ -70,7 +70,7 @@ def image_classification_data(data: Data, default_dir: str | os.PathLike, val_da
     with one sub-folder per class, or a list of ``{image, label (index or class name)}``; split per class by
     ``val_fraction`` unless ``val_data`` is given), or the generated phantoms of :func:`write_shape_phantoms`
     in ``default_dir``; with ``num_classes``, checks that the data has that many classes."""
-    if _is_empty(data):
+    if is_empty(data):
         data = write_shape_phantoms(default_dir, num_phantoms, image_size, seed)
         class_names = class_names or SHAPE_CLASSES
     return classification_data(data, default_dir, val_data, val_fraction, class_names or None, num_classes,
@@ -83,7 +83,7 @@ def image_classification_datalist(data: Data, class_names: Sequence[str], defaul
     name unknown to the model is an error; classes may be absent): ``data`` as in
     :func:`image_classification_data`, or generated phantoms in ``default_dir`` (``seed`` 1: not the
     training phantoms of seed 0)."""
-    if _is_empty(data):
+    if is_empty(data):
         if default_dir is None:
             raise VolumeDataError("no labeled data given: pass a folder with one sub-folder of images per class, or a "
                                   "list of {image, label}")
@@ -97,7 +97,7 @@ def classification_inputs(data: Data, default_dir: str | os.PathLike | None = No
     """``[{"image": path}]`` 2D images to classify: a file, a folder (searched recursively) or a list of paths
     (or ``{"image": path}``); null = the images of generated phantoms in ``default_dir``. Every file is checked
     from its header (readable, 2D) before anything runs."""
-    if _is_empty(data):
+    if is_empty(data):
         if default_dir is None:
             raise VolumeDataError("no images given: pass a file, a folder or a list of 2D images")
         data = write_shape_phantoms(default_dir, num_phantoms, image_size, seed)
@@ -114,7 +114,7 @@ def classification_inputs(data: Data, default_dir: str | os.PathLike | None = No
         if item["kind"] == "dicom":
             raise VolumeDataError(f"{item['path']}: a DICOM series (a volume); the classifier takes 2D images "
                                   "(PNG, JPEG, 2D NIfTI)")
-        _check_2d(item["path"])
+        check_2d(item["path"])
     return [{"image": item["path"]} for item in items]
 
 

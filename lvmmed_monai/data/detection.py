@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from lvmmed_monai.data.pretrain import IMAGE_EXTENSIONS, PretrainDataError, collect_files
-from lvmmed_monai.data.volumes import VolumeDataError, _check_2d, _is_empty, split_train_val
+from lvmmed_monai.data.volumes import VolumeDataError, check_2d, is_empty, split_train_val
 from lvmmed_monai.data.writers import write_folder_once
 from lvmmed_monai.io import atomic_open, make_readable
 
@@ -181,7 +181,7 @@ def _image_entries(coco: dict, path: Path, image_dir: Path, check_files: bool) -
             if not Path(e["image"]).is_file():
                 raise VolumeDataError(f"{e['image']}: no such file (image id {e['image_id']} of {path}); fix its "
                                       "file_name, or pass --image_dir, the folder file_name is relative to")
-            width, height = _check_2d(e["image"])  # the header, not the pixels (x along the first axis)
+            width, height = check_2d(e["image"])  # the header, not the pixels (x along the first axis)
             if (width, height) != (e["width"], e["height"]):
                 raise VolumeDataError(f"{e['image']}: {width} x {height} pixels (width x height) but {path} says "
                                       f"{e['width']} x {e['height']} for image id {e['image_id']}; fix width and "
@@ -253,15 +253,15 @@ def detection_data(data: str | os.PathLike | None, default_dir: str | os.PathLik
     ``val_data``, a JSON with the same categories, is given), or the phantoms of :func:`write_detection_phantoms`
     in ``default_dir``. ``num_classes`` counts the background: the data must have ``num_classes - 1``
     categories."""
-    if _is_empty(data):
+    if is_empty(data):
         data, image_dir = write_detection_phantoms(default_dir, num_phantoms, image_size, seed), None
-    items, categories = read_coco(data, None if _is_empty(image_dir) else image_dir)
+    items, categories = read_coco(data, None if is_empty(image_dir) else image_dir)
     if len(categories) + 1 != int(num_classes):
         raise VolumeDataError(f"num_classes={num_classes} but the data has {len(categories)} categories "
                               f"{[c['name'] for c in categories]}; set --num_classes {len(categories) + 1} (the "
                               "categories and the background)")
-    if not _is_empty(val_data):
-        val, _ = read_coco(val_data, None if _is_empty(val_image_dir) else val_image_dir, categories)
+    if not is_empty(val_data):
+        val, _ = read_coco(val_data, None if is_empty(val_image_dir) else val_image_dir, categories)
         return {"train": items, "val": val, "categories": categories}
     return {**split_train_val(items, val_fraction, seed), "categories": categories}
 
@@ -272,12 +272,12 @@ def detection_datalist(data: str | os.PathLike | None, categories: Sequence[Mapp
     """Checked items of a labeled set for the model's ``categories`` (the JSON's categories must be among them,
     same ids and names; some may be absent): ``data`` as in :func:`read_coco`, or generated phantoms in
     ``default_dir`` (``seed`` 1: not the training phantoms of seed 0)."""
-    if _is_empty(data):
+    if is_empty(data):
         if default_dir is None:
             raise VolumeDataError("no labeled data given: pass a COCO-style JSON (or a folder holding "
                                   f"{ANNOTATION_FILE})")
         data, image_dir = write_detection_phantoms(default_dir, num_phantoms, image_size, seed), None
-    items, _ = read_coco(data, None if _is_empty(image_dir) else image_dir, categories)
+    items, _ = read_coco(data, None if is_empty(image_dir) else image_dir, categories)
     return items
 
 
@@ -288,13 +288,13 @@ def detection_inputs(data: str | os.PathLike | Sequence[str | os.PathLike] | Non
     (its ids and file names; annotations are not needed), a folder (searched recursively: ids 1..N in the
     order of the file names relative to it), an image file or a list of paths; null = generated phantoms in
     ``default_dir``. Every image is checked from its header (readable, 2D) before anything runs."""
-    if _is_empty(data):
+    if is_empty(data):
         if default_dir is None:
             raise VolumeDataError("no images given: pass a folder, an image, a list of images or a COCO-style JSON")
         data = write_detection_phantoms(default_dir, num_phantoms, image_size, seed) / ANNOTATION_FILE
         image_dir = None
     if isinstance(data, (str, os.PathLike)) and str(data).lower().endswith(".json"):
-        items, _ = read_coco(data, None if _is_empty(image_dir) else image_dir, require_boxes=False)
+        items, _ = read_coco(data, None if is_empty(image_dir) else image_dir, require_boxes=False)
         return [{k: e[k] for k in ("image", "image_id", "file_name", "width", "height")} for e in items]
     root = Path(data) if isinstance(data, (str, os.PathLike)) else None
     if root is not None and root.is_file():
@@ -312,7 +312,7 @@ def detection_inputs(data: str | os.PathLike | Sequence[str | os.PathLike] | Non
         files.sort(key=lambda f: Path(f["path"]).relative_to(root).parts)
     items = []
     for i, f in enumerate(files):
-        width, height = _check_2d(f["path"])
+        width, height = check_2d(f["path"])
         name = os.path.relpath(f["path"], root) if root is not None else f["path"]
         items.append({"image": f["path"], "image_id": i + 1, "file_name": name, "width": width, "height": height})
     return items

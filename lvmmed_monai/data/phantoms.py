@@ -16,7 +16,7 @@ import numpy as np
 
 from lvmmed_monai.data.writers import write_folder_once
 
-__all__ = ["write_default_collection", "shape_phantoms", "SHAPE_CLASSES"]
+__all__ = ["write_default_collection", "shape_phantoms", "SHAPE_CLASSES", "torso_ct"]
 
 SHAPE_CLASSES = ("ellipse", "rectangle", "triangle", "cross")
 _COLLECTION_VERSION = 2
@@ -63,7 +63,7 @@ def _findings(
     return out
 
 
-def _torso_ct(rng: np.random.Generator, shape: tuple[int, int, int] = (96, 96, 28)) -> np.ndarray:
+def torso_ct(rng: np.random.Generator, shape: tuple[int, int, int] = (96, 96, 28)) -> np.ndarray:
     """CT-like torso in HU: body, fat rim, two lungs, spine, liver, vessels; shapes drift along z."""
     x, y, z = _grid(shape)
     vol = np.full(shape, -1000.0)
@@ -84,10 +84,10 @@ def _torso_ct(rng: np.random.Generator, shape: tuple[int, int, int] = (96, 96, 2
 
 
 def _torso_ct_varied(rng: np.random.Generator, shape: tuple[int, int, int] = (96, 96, 12)) -> np.ndarray:
-    """:func:`_torso_ct` in a random pose with random nodules, lesions and cysts (the pretraining collection).
+    """:func:`torso_ct` in a random pose with random nodules, lesions and cysts (the pretraining collection).
 
     A separate function: the labeled phantoms (``volume_phantoms``) derive their labels from
-    :func:`_torso_ct`'s intensities and must keep it as it is.
+    :func:`torso_ct`'s intensities and must keep it as it is.
     """
     coords = _rotated(_grid(shape), rng.uniform(-0.3, 0.3), rng.uniform(-0.1, 0.1, 2))
     x, y, z = coords

@@ -34,6 +34,7 @@ from lvmmed_monai.io import atomic_open
 
 __all__ = [
     "PretrainDataError",
+    "file_kind",
     "IMAGE_EXTENSIONS",
     "VOLUME_EXTENSIONS",
     "collect_files",
@@ -71,7 +72,8 @@ def _is_dicom(path: Path) -> bool:
         return False
 
 
-def _kind(path: Path) -> str | None:
+def file_kind(path: Path) -> str | None:
+    """``"image"``, ``"volume"`` (by extension) or ``"dicom"`` (a folder holding a DICOM series); None otherwise."""
     if path.is_dir():
         return "dicom" if any(p.is_file() and _is_dicom(p) for p in path.iterdir()) else None
     ext = _ext(path)
@@ -93,13 +95,13 @@ def collect_files(data: str | os.PathLike | Sequence[str | os.PathLike | Mapping
         found: list[dict] = []
         for dirpath, dirnames, filenames in os.walk(root):
             here = Path(dirpath)
-            if here != root and _kind(here) == "dicom":
+            if here != root and file_kind(here) == "dicom":
                 dirnames.clear()
                 found.append({"path": str(here), "kind": "dicom"})
                 continue
             dirnames.sort()
             for name in sorted(filenames):
-                kind = _kind(here / name)
+                kind = file_kind(here / name)
                 if kind is not None:
                     found.append({"path": str(here / name), "kind": kind})
         for item in found:
@@ -117,7 +119,7 @@ def collect_files(data: str | os.PathLike | Sequence[str | os.PathLike | Mapping
         if "image" not in info:
             raise PretrainDataError(f"list entries need an 'image' key, got {sorted(info)}")
         path = Path(info["image"])
-        kind = _kind(path) if path.exists() else ("image" if _ext(path) in IMAGE_EXTENSIONS else "volume")
+        kind = file_kind(path) if path.exists() else ("image" if _ext(path) in IMAGE_EXTENSIONS else "volume")
         if kind is None:
             raise PretrainDataError(f"{path}: unsupported file type; supported: 2D {IMAGE_EXTENSIONS}, 3D "
                                     f"{VOLUME_EXTENSIONS} and DICOM series folders")

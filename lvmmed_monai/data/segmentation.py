@@ -26,15 +26,21 @@ from monai.config import KeysCollection
 from monai.transforms import LoadImage, LoadImaged, MapTransform, Randomizable, RandSpatialCropSamplesd, SqueezeDimd
 from monai.utils import ensure_tuple
 
-from lvmmed_monai.data.pretrain import IMAGE_EXTENSIONS, PretrainDataError, _kind, collect_files, image_value_problem
+from lvmmed_monai.data.pretrain import (
+    IMAGE_EXTENSIONS,
+    PretrainDataError,
+    collect_files,
+    file_kind,
+    image_value_problem,
+)
 from lvmmed_monai.data.synthetic import phantom_batch
 from lvmmed_monai.data.volume_phantoms import SEGMENTATION_CLASSES, write_phantom_volumes
 from lvmmed_monai.data.volumes import (
     Data,
     VolumeDataError,
-    _is_empty,
     _stem,
     check_2d_or_3d,
+    is_empty,
     segmentation_datalist,
     split_train_val,
 )
@@ -122,7 +128,7 @@ def labeled_datalist(data: Data, num_classes: int, default_dir: str | os.PathLik
     """``[{"image", "label"}]`` from a folder (``images/`` + ``labels/``, or ``imagesTr/`` + ``labelsTr/``,
     matched by file name) or a list of ``{"image", "label"}``; 2D images and 3D volumes, all checked (see the
     module docstring). No ``data``: the generated phantoms of :func:`phantom_data` in ``default_dir``."""
-    if _is_empty(data):
+    if is_empty(data):
         if default_dir is None:
             raise VolumeDataError("no labeled data given: pass a folder with images/ and labels/ or a list of "
                                   "{image, label}")
@@ -138,7 +144,7 @@ def labeled_data(data: Data, default_dir: str | os.PathLike, num_classes: int, v
     """``{"train", "val"}`` checked image + label pairs: ``data`` (split by ``val_fraction`` unless ``val_data``
     is given), or the generated phantoms of :func:`phantom_data` in ``default_dir``."""
     items = labeled_datalist(data, num_classes, default_dir, default_data, num_phantoms, phantom_shape, seed)
-    if not _is_empty(val_data):
+    if not is_empty(val_data):
         return {"train": items, "val": labeled_datalist(val_data, num_classes)}
     return split_train_val(items, val_fraction, seed)
 
@@ -163,9 +169,9 @@ def inference_datalist(data: Data, default_dir: str | os.PathLike, output_ext: s
     .nii.gz, .nii, .png (PNG for 2D inputs only); no two inputs with the same output name."""
     if output_ext not in _OUTPUT_EXTENSIONS:
         raise ValueError(f"output_ext must be one of {list(_OUTPUT_EXTENSIONS)}, got {output_ext!r}")
-    if _is_empty(data):
+    if is_empty(data):
         data = phantom_data(default_dir, default_data, num_phantoms, phantom_shape, seed) / "images"
-    if isinstance(data, (str, os.PathLike)) and (Path(data).is_file() or _kind(Path(data)) == "dicom"):
+    if isinstance(data, (str, os.PathLike)) and (Path(data).is_file() or file_kind(Path(data)) == "dicom"):
         data = [data]  # one image, volume or DICOM series
     elif isinstance(data, (str, os.PathLike)) and not Path(data).is_dir():
         raise VolumeDataError(f"{data}: no such file or folder")

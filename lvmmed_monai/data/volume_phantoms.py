@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lvmmed_monai.data.phantoms import _torso_ct
+from lvmmed_monai.data.phantoms import torso_ct
 from lvmmed_monai.data.writers import write_folder_once
 
 __all__ = ["PHANTOM_TASKS", "SEGMENTATION_CLASSES", "CLASSIFICATION_CLASSES", "torso_labels", "add_nodule",
@@ -87,7 +87,7 @@ def write_phantom_volumes(root: str | os.PathLike, task: str = "segmentation", n
         rng = np.random.default_rng(seed)
         for i in range(int(num_volumes)):
             name = f"torso_{i:02d}.nii.gz"
-            vol = _torso_ct(rng, shape)
+            vol = torso_ct(rng, shape)
             if task == "classification":
                 label = CLASSIFICATION_CLASSES[i % len(CLASSIFICATION_CLASSES)]
                 _save(add_nodule(vol, rng) if label == "nodule" else vol, tmp / label / name, np.int16)

@@ -25,7 +25,8 @@ from lvmmed_monai.data.volume_phantoms import CLASSIFICATION_CLASSES, write_phan
 
 __all__ = ["VolumeDataError", "VOLUME_EXTENSIONS", "find_volumes", "volume_shape", "check_2d_or_3d",
            "volume_datalist", "segmentation_datalist", "classification_datalist", "split_train_val", "volume_data",
-           "segmentation_data", "classification_data", "slice_first_indices", "PadDepthCollate"]
+           "segmentation_data", "classification_data", "slice_first_indices", "PadDepthCollate", "check_2d",
+           "is_empty"]
 
 Data = str | os.PathLike | Sequence[str | os.PathLike | Mapping[str, Any]] | None
 _IMAGE_DIRS, _LABEL_DIRS = ("images", "imagesTr"), ("labels", "labelsTr")
@@ -53,7 +54,8 @@ def _without_channel(stem: str) -> str:
     return stem[:-5] if len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit() else stem
 
 
-def _is_empty(data: Data) -> bool:
+def is_empty(data: Data) -> bool:
+    """A data knob left unset: None, or "" / "null" / "none" as ``--key null`` reaches a bundle."""
     return data is None or (isinstance(data, str) and data.strip().lower() in ("", "null", "none"))
 
 
@@ -182,7 +184,7 @@ def segmentation_datalist(data: str | os.PathLike | Sequence[Mapping[str, Any]],
     return [{"image": str(e["image"]), "label": str(e["label"])} for e in pairs]
 
 
-def _check_2d(path: str | os.PathLike) -> tuple[int, ...]:
+def check_2d(path: str | os.PathLike) -> tuple[int, ...]:
     shape = volume_shape(path)
     if len(shape) != 2:
         raise VolumeDataError(f"{path}: array of shape {list(shape)}; expected a 2D image (PNG, JPEG, 2D NIfTI): "
@@ -201,7 +203,7 @@ def classification_datalist(data: str | os.PathLike | Sequence[Mapping[str, Any]
     if int(spatial_dims) not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
     extensions = VOLUME_EXTENSIONS if int(spatial_dims) == 3 else IMAGE_EXTENSIONS + VOLUME_EXTENSIONS
-    check, kind = (_check_3d, "volumes") if int(spatial_dims) == 3 else (_check_2d, "images")
+    check, kind = (_check_3d, "volumes") if int(spatial_dims) == 3 else (check_2d, "images")
     if isinstance(data, (str, os.PathLike)):
         root = Path(data)
         if not root.is_dir():
@@ -265,7 +267,7 @@ def volume_data(data: Data, default_dir: str | os.PathLike, task: str = "unlabel
                 phantom_shape: Sequence[int] = (64, 64, 16), seed: int = 0) -> list[dict]:
     """``[{"image"}]`` volumes (pretraining, inference): ``data``, or the images of generated phantoms of
     ``task`` ("unlabeled" or "segmentation") in ``default_dir``."""
-    if _is_empty(data):
+    if is_empty(data):
         if task not in ("unlabeled", "segmentation"):
             raise ValueError(f"task must be 'unlabeled' or 'segmentation', got {task!r}")
         data = write_phantom_volumes(default_dir, task, num_phantoms, phantom_shape, seed) / "images"
@@ -277,10 +279,10 @@ def segmentation_data(data: Data, default_dir: str | os.PathLike, val_data: Data
                       phantom_shape: Sequence[int] = (64, 64, 16), seed: int = 0) -> dict[str, list[dict]]:
     """``{"train", "val"}`` image + label pairs: ``data`` (split by ``val_fraction`` unless ``val_data`` is
     given), or generated labeled phantoms in ``default_dir``."""
-    if _is_empty(data):
+    if is_empty(data):
         data = write_phantom_volumes(default_dir, "segmentation", num_phantoms, phantom_shape, seed)
     items = segmentation_datalist(data)
-    if not _is_empty(val_data):
+    if not is_empty(val_data):
         return {"train": items, "val": segmentation_datalist(val_data)}
     return split_train_val(items, val_fraction, seed)
 
@@ -294,7 +296,7 @@ def classification_data(data: Data, default_dir: str | os.PathLike, val_data: Da
     ``data`` or, for volumes, generated phantoms (normal / nodule) in ``default_dir`` (2D phantoms:
     :func:`lvmmed_monai.data.classification.image_classification_data`); with ``num_classes``, checks that the
     data has that many classes; the training items must hold at least 2 of them."""
-    if _is_empty(data):
+    if is_empty(data):
         if int(spatial_dims) != 3:
             raise VolumeDataError("no 2D classification data given: pass a folder with one sub-folder of images per "
                                   "class, or a list of {image, label}")
@@ -308,7 +310,7 @@ def classification_data(data: Data, default_dir: str | os.PathLike, val_data: Da
     if len(present) < 2:
         raise VolumeDataError(f"the training data holds only class {names[present[0]]!r} of {names}; a classifier "
                               "needs examples of at least 2 classes")
-    if not _is_empty(val_data):
+    if not is_empty(val_data):
         val, _ = classification_datalist(val_data, names, spatial_dims)
         split = {"train": items, "val": val}
     else:

@@ -26,7 +26,7 @@ from ignite.engine import Engine, Events
 from monai.handlers import IgniteMetricHandler
 from monai.metrics import ConfusionMatrixMetric
 
-from lvmmed_monai.engines.segmentation import _case_name, _finite_or_none
+from lvmmed_monai.engines.reporting import case_name, finite_or_none
 from lvmmed_monai.io import atomic_open, make_readable
 
 __all__ = ["BalancedAccuracyMetric", "BalancedAccuracy", "ClassificationReport"]
@@ -101,7 +101,7 @@ class ClassificationReport:
             if probs.numel() != len(self.classes):
                 raise ValueError(f"{probs.numel()} class scores per image, but {len(self.classes)} class names "
                                  f"{self.classes}; num_classes and class_names must match the model")
-            row: dict[str, Any] = {"image": _case_name(item, self.image_key, len(self.rows))}
+            row: dict[str, Any] = {"image": case_name(item, self.image_key, len(self.rows))}
             if self.label_key is not None:
                 row["label"] = self.classes[_as_index(item[self.label_key])]
             row["prediction"] = self.classes[int(probs.argmax())]
@@ -122,7 +122,7 @@ class ClassificationReport:
             missing = [n for n in self.metric_names if n not in engine.state.metrics]
             if missing:
                 raise ValueError(f"no metric {missing} on the evaluator (its metrics: {sorted(engine.state.metrics)})")
-            metrics = {n: _finite_or_none(float(engine.state.metrics[n])) for n in self.metric_names}
+            metrics = {n: finite_or_none(float(engine.state.metrics[n])) for n in self.metric_names}
             json_path = self.output_dir / f"{self.metrics_filename}.json"
             with atomic_open(json_path, "w") as fh:
                 json.dump({"metrics": metrics, "num_images": len(self.rows), "classes": self.classes}, fh, indent=2)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -39,6 +38,7 @@ from monai.handlers import from_engine
 from monai.utils import convert_to_tensor
 from torch import nn
 
+from lvmmed_monai.engines.reporting import finite_or_none
 from lvmmed_monai.io import atomic_open, make_readable
 
 __all__ = ["DetectionPrepareBatch", "DetectionLoss", "detection_loss_terms",
@@ -194,10 +194,6 @@ def per_class_ap(num_classes: int, class_names: Sequence[str] | None = None, pre
             for c, name in enumerate(names)}
 
 
-def _finite_or_none(value: float) -> float | None:
-    return None if math.isnan(value) else value
-
-
 class DetectionReport:
     """Write an evaluator's detections (and metrics) when its run ends; ``attach(engine)``.
 
@@ -256,7 +252,7 @@ class DetectionReport:
         with atomic_open(path, "w") as fh:
             json.dump({"images": self.images, "categories": self.categories, "annotations": self.detections}, fh)
         written = [path]
-        metrics = {n: _finite_or_none(float(engine.state.metrics[n])) for n in self.metric_names}
+        metrics = {n: finite_or_none(float(engine.state.metrics[n])) for n in self.metric_names}
         if self.metric_names:
             written.append(self.output_dir / f"{self.metrics_filename}.json")
             with atomic_open(written[-1], "w") as fh:

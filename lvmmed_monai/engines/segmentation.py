@@ -16,13 +16,13 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
 from monai.handlers import MeanIoUHandler
 
 from lvmmed_monai.engines.hybrid import per_class_handlers
+from lvmmed_monai.engines.reporting import case_name, finite_or_none
 from lvmmed_monai.io import atomic_open, make_readable
 
 __all__ = ["per_class_iou", "SegmentationReport"]
@@ -34,16 +34,6 @@ def per_class_iou(num_classes: int, class_names: Sequence[str] | None = None, in
                   prefix: str = "val_iou_") -> dict[str, MeanIoUHandler]:
     """One MONAI ``MeanIoUHandler`` per class (see :func:`~lvmmed_monai.engines.hybrid.per_class_handlers`)."""
     return per_class_handlers(MeanIoUHandler, num_classes, class_names, include_background, prefix)
-
-
-def _case_name(item: Any, key: str, index: int) -> str:
-    meta = getattr(item.get(key), "meta", None) if isinstance(item, Mapping) else None
-    name = meta.get("filename_or_obj") if meta else None
-    return str(name) if name else f"case_{index}"
-
-
-def _finite_or_none(value: float) -> float | None:
-    return None if math.isnan(value) else value
 
 
 class SegmentationReport:
@@ -87,7 +77,7 @@ class SegmentationReport:
         items = batch if isinstance(batch, list) else [batch]
         for item in items:
             n = len(self.cases)
-            self.cases.append((_case_name(item, self.image_key, n), _case_name(item, self.label_key, n)))
+            self.cases.append((case_name(item, self.image_key, n), case_name(item, self.label_key, n)))
 
     def rows(self, details: Mapping[str, torch.Tensor]) -> tuple[list[dict], dict[str, float]]:
         """Per-case rows and the means from ``{metric: (N, classes) values}``."""
@@ -120,9 +110,9 @@ class SegmentationReport:
             writer.writeheader()
             for row in [*rows, {"case": "mean", "label": "", **means}]:
                 writer.writerow({k: "" if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()})
-        report = {"cases": [{k: _finite_or_none(v) if isinstance(v, float) else v for k, v in r.items()}
+        report = {"cases": [{k: finite_or_none(v) if isinstance(v, float) else v for k, v in r.items()}
                             for r in rows],
-                  "mean": {k: _finite_or_none(v) for k, v in means.items()}, "num_cases": len(rows)}
+                  "mean": {k: finite_or_none(v) for k, v in means.items()}, "num_cases": len(rows)}
         with atomic_open(json_path, "w") as fh:
             json.dump(report, fh, indent=2)
         make_readable(csv_path, json_path)

@@ -18,7 +18,7 @@ from bundle_helpers import save_nifti as _save
 from bundle_helpers import scalars as _scalars
 
 from lvmmed_monai import load_encoder
-from lvmmed_monai.data.phantoms import _torso_ct
+from lvmmed_monai.data.phantoms import torso_ct
 from lvmmed_monai.data.volume_phantoms import add_nodule
 from lvmmed_monai.data.volumes import PadDepthCollate, VolumeDataError, classification_data, segmentation_data
 from lvmmed_monai.data.writers import AtomicNibabelWriter
@@ -136,7 +136,7 @@ def _calibrated_network(x: torch.Tensor, path: Path) -> np.ndarray:
 
 def test_inference_writes_a_nifti_with_the_input_shape_and_affine(segmentation, tmp_path):
     affine = np.array([[0, -0.7, 0, 10.0], [0.9, 0, 0, -5.0], [0, 0, 3.0, 2.0], [0, 0, 0, 1]])
-    volume = _torso_ct(np.random.default_rng(1), (30, 34, 7)).astype(np.int16)
+    volume = torso_ct(np.random.default_rng(1), (30, 34, 7)).astype(np.int16)
     source = _save(volume, tmp_path / "in" / "case.nii.gz", affine)
     expected = _calibrated_network(_preprocessed(volume), tmp_path / "calibrated.pt")
     assert len(np.unique(expected)) == 3
@@ -177,7 +177,7 @@ def test_classification_on_volumes_of_different_depths(tmp_path):
     rng = np.random.default_rng(0)
     for cls, depths in (("normal", (4, 5, 6)), ("nodule", (5, 6, 7))):
         for i, depth in enumerate(depths):
-            vol = _torso_ct(rng, (32, 32, depth))
+            vol = torso_ct(rng, (32, 32, depth))
             _save(add_nodule(vol, rng) if cls == "nodule" else vol, tmp_path / "data" / cls / f"v{i}.nii.gz")
     out = tmp_path / "out"
     _ok(_run("train_cls.yaml", {
@@ -220,7 +220,7 @@ def test_segmentation_pairs_match_by_name_with_nnunet_channel_suffixes(tmp_path)
 def test_label_of_another_shape_fails_with_a_clear_message(tmp_path):
     rng = np.random.default_rng(0)
     for i in range(2):
-        _save(_torso_ct(rng, (32, 32, 6)), tmp_path / "data" / "images" / f"case{i}.nii.gz")
+        _save(torso_ct(rng, (32, 32, 6)), tmp_path / "data" / "images" / f"case{i}.nii.gz")
         _save(np.zeros((32, 32, 6 - i)), tmp_path / "data" / "labels" / f"case{i}.nii.gz", dtype=np.uint8)
     with pytest.raises(VolumeDataError, match=r"case1\.nii\.gz has shape \[32, 32, 5\] but its image"):
         segmentation_data(tmp_path / "data", tmp_path / "unused")

@@ -19,7 +19,7 @@ from bundle_helpers import scalars as _scalars
 from PIL import Image
 
 from lvmmed_monai import load_encoder
-from lvmmed_monai.data.phantoms import _chest_xray, _torso_ct
+from lvmmed_monai.data.phantoms import _chest_xray, torso_ct
 
 REPO = Path(__file__).resolve().parents[2]
 BUNDLE = REPO / "bundles" / "lvmmed_pretrain"
@@ -37,7 +37,7 @@ def tiny(module_tmp) -> dict:
     (root / "data" / "ct").mkdir(parents=True)
     (root / "data" / "xr").mkdir(parents=True)
     for i in range(2):
-        vol = _torso_ct(rng, shape=(48, 48, 9)).astype(np.int16)
+        vol = torso_ct(rng, shape=(48, 48, 9)).astype(np.int16)
         nib.save(nib.Nifti1Image(vol, np.eye(4)), root / "data" / "ct" / f"v{i}.nii.gz")
     for i in range(12):
         Image.fromarray((_chest_xray(rng, 64) * 255).astype(np.uint8)).save(root / "data" / "xr" / f"x{i}.png")

@@ -28,7 +28,7 @@ from monai.metrics import compute_dice, compute_iou
 from monai.transforms import LoadImage, ScaleIntensityRangePercentiles
 from PIL import Image
 
-from lvmmed_monai.data.phantoms import _torso_ct, _write_dicom_series
+from lvmmed_monai.data.phantoms import _write_dicom_series, torso_ct
 from lvmmed_monai.data.segmentation import (
     MatchChannelsd,
     RandSliceSamplesd,
@@ -184,7 +184,7 @@ def calibrated(module_tmp) -> dict:
     """A random U-Net whose BatchNorm statistics are those of a test volume's slices (so its labels vary over
     the volume), saved as a checkpoint; the volume (with its phantom labels) and a PNG image with labels."""
     root = module_tmp("calibrated")
-    volume = _torso_ct(np.random.default_rng(1), (30, 34, 7)).astype(np.int16)
+    volume = torso_ct(np.random.default_rng(1), (30, 34, 7)).astype(np.int16)
     x = _preprocessed(volume)
     torch.manual_seed(0)
     net = segmentation_net_2d("lvmmed_resnet50", 1, 3)
@@ -204,7 +204,7 @@ def test_inference_writes_the_slice_by_slice_prediction_with_the_input_shape_and
     source = tmp_path / "in"
     _save(calibrated["volume"], source / "case.nii.gz", AFFINE)
     calibrated["png"].save(source / "photo.png")
-    series = _torso_ct(np.random.default_rng(2), (24, 20, 4))
+    series = torso_ct(np.random.default_rng(2), (24, 20, 4))
     _write_dicom_series(series, source / "series")
     expected = _slice_loop_labels(calibrated["net"], calibrated["x"])
     assert len(np.unique(expected)) == 3
@@ -310,7 +310,7 @@ def test_slice_inferer_equals_the_slice_loop_on_any_axis(calibrated):
 def test_label_of_another_shape_fails_before_anything_is_written(tmp_path):
     rng = np.random.default_rng(0)
     for i in range(2):
-        _save(_torso_ct(rng, (32, 32, 6)), tmp_path / "data" / "images" / f"case{i}.nii.gz")
+        _save(torso_ct(rng, (32, 32, 6)), tmp_path / "data" / "images" / f"case{i}.nii.gz")
         _save(np.zeros((32, 32, 6 - i)), tmp_path / "data" / "labels" / f"case{i}.nii.gz", dtype=np.uint8)
     out = tmp_path / "out"
     _fails(_run("train.yaml", {"data": str(tmp_path / "data"), "output_dir": str(out)}),
@@ -356,7 +356,7 @@ def test_corrupt_files_fail_with_clear_messages_and_nothing_half_written(calibra
     rng = np.random.default_rng(0)
     data = tmp_path / "data"
     for name in ("good", "bad"):
-        _save(_torso_ct(rng, (24, 24, 4)), data / "images" / f"{name}.nii.gz")
+        _save(torso_ct(rng, (24, 24, 4)), data / "images" / f"{name}.nii.gz")
         _save(np.zeros((24, 24, 4)), data / "labels" / f"{name}.nii.gz", dtype=np.uint8)
     (data / "images" / "bad.nii.gz").write_bytes(b"not a nifti file")
     with pytest.raises(VolumeDataError, match=r"bad\.nii\.gz: unreadable"):

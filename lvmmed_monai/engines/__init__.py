@@ -36,7 +36,6 @@ from lvmmed_monai.engines.handlers import (
     latest_checkpoint,
 )
 from lvmmed_monai.engines.hybrid import (
-    GradientClipHandler,
     Joint3DTrainer,
     load_hybrid_backbone,
     load_stage_checkpoint,
@@ -60,6 +59,7 @@ from lvmmed_monai.engines.progress import (
     progress_enabled,
 )
 from lvmmed_monai.engines.segmentation import SegmentationReport, per_class_iou
+from lvmmed_monai.engines.step import GradientClipHandler, amp_step, clip_gradients
 
 __all__ = [
     "as_bool", "as_int", "missing_setting", "view_inputs",
@@ -72,5 +72,6 @@ __all__ = [
     "BalancedAccuracyMetric", "BalancedAccuracy", "ClassificationReport",
     "DetectionPrepareBatch", "DetectionLoss", "detection_loss_terms", "match_detections",
     "ap_from_matches", "average_precision", "DetectionAP", "per_class_ap", "DetectionReport",
-    "TrainingProgressBar", "TrainingSummary", "every", "format_duration", "output_scalars", "progress_enabled",
+    "amp_step", "clip_gradients", "TrainingProgressBar", "TrainingSummary", "every", "format_duration",
+    "output_scalars", "progress_enabled",
 ]

@@ -5,7 +5,6 @@
   MONAI's handlers (stats, TensorBoard, checkpoints) drive it unchanged;
 * :func:`load_stage_checkpoint`: start a pretraining stage from the previous stage's checkpoint;
 * :func:`load_hybrid_backbone`: put pretrained f_intra + f_inter into a segmentation or classification network;
-* :class:`GradientClipHandler`: gradient-norm clipping for ``SupervisedTrainer`` (MONAI has no such handler);
 * :func:`per_class_dice`: one MONAI ``MeanDice`` handler per class, so that StatsHandler / TensorBoard log
   each class's validation Dice as a scalar.
 """
@@ -19,9 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from ignite.engine import Engine
 from monai.engines import SupervisedTrainer
-from monai.engines.utils import IterationEvents
 from monai.handlers import MeanDice, from_engine
 from torch import nn
 from torch.optim import Optimizer
@@ -29,9 +26,10 @@ from torch.optim import Optimizer
 from lvmmed_monai.config_values import optional_path
 from lvmmed_monai.data.sampling import derive_seed
 from lvmmed_monai.engines.handlers import latest_checkpoint
+from lvmmed_monai.engines.step import amp_step
 from lvmmed_monai.ssl.joint3d import Joint3DLoss
 
-__all__ = ["Joint3DTrainer", "GradientClipHandler", "resolve_checkpoint", "load_stage_checkpoint",
+__all__ = ["Joint3DTrainer", "resolve_checkpoint", "load_stage_checkpoint",
            "load_hybrid_backbone", "per_class_dice", "per_class_handlers"]
 
 logger = logging.getLogger(__name__)
@@ -93,24 +91,6 @@ def load_hybrid_backbone(net: nn.Module, path: str | os.PathLike | None, map_loc
                            f"pretraining run?): {str(err)[:400]}") from err
     logger.info("loaded the pretrained hybrid backbone (f_intra + f_inter) from %s", file)
     return net
-
-
-class GradientClipHandler:
-    """Clip the global gradient norm of a ``SupervisedTrainer``'s optimizer after each backward pass (on
-    ``IterationEvents.BACKWARD_COMPLETED``, before the step; gradients are unscaled first under AMP)."""
-
-    def __init__(self, max_norm: float, norm_type: float = 2.0) -> None:
-        self.max_norm, self.norm_type = float(max_norm), float(norm_type)
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self)
-
-    def __call__(self, engine: Engine) -> None:
-        if getattr(engine, "amp", False) and getattr(engine, "scaler", None) is not None:
-            engine.scaler.unscale_(engine.optimizer)
-        params = [p for g in engine.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if params and self.max_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, self.max_norm, self.norm_type)
 
 
 def _channel_transform(channel: int) -> Callable[[Any], tuple[list, list]]:
@@ -186,15 +166,10 @@ class Joint3DTrainer(SupervisedTrainer):
         self.generator.manual_seed(derive_seed(self.seed, engine.state.iteration))
         engine.network.train()
         self.criterion.train()
-        engine.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(dev.type, dtype=torch.float16, enabled=self.use_amp):
-            loss, terms = self.criterion(engine.network, view_s, view_t, lengths, generator=self.generator)
-        self.grad_scaler.scale(loss).backward()
-        self.grad_scaler.unscale_(engine.optimizer)
-        params = [p for g in engine.optimizer.param_groups for p in g["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm or float("inf"))
-        self.grad_scaler.step(engine.optimizer)
-        self.grad_scaler.update()
+        loss, terms, grad_norm = amp_step(
+            engine.optimizer, self.grad_scaler,
+            lambda: self.criterion(engine.network, view_s, view_t, lengths, generator=self.generator),
+            dev.type, self.use_amp, self.clip_grad_norm)
         out: dict = {"loss": loss.detach(), **terms, "grad_norm": grad_norm.detach(),
                      "lr": float(engine.optimizer.param_groups[0]["lr"])}
         engine.state.output = out

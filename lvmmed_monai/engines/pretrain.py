@@ -26,6 +26,7 @@ from torch.optim import Optimizer
 from lvmmed_monai.config_values import as_bool, as_int, missing_setting
 from lvmmed_monai.data.sampling import GlobalBatchSampler, derive_seed
 from lvmmed_monai.encoders import build_encoder, input_normalization
+from lvmmed_monai.engines.step import amp_step
 from lvmmed_monai.process_group import get_rank, get_world_size, is_distributed
 from lvmmed_monai.ssl.loss import LVMMedLoss, LVMMedLossOutput
 
@@ -254,16 +255,10 @@ class LVMMedPretrainTrainer(SupervisedTrainer):
         x = view_inputs(batchdata, engine.state.device, engine.non_blocking)
         self.generator.manual_seed(derive_seed(self.seed, engine.state.iteration, self.rank))
         engine.network.train()
-        engine.optimizer.zero_grad(set_to_none=True)
         overrides = getattr(engine.state, "loss_overrides", None) or {}  # FirstOrderWarmup's, this iteration
-        with torch.autocast(engine.state.device.type, dtype=torch.float16, enabled=self.use_amp):
-            loss, stats = engine.network(**x, generator=self.generator, **overrides)
-        self.grad_scaler.scale(loss).backward()
-        self.grad_scaler.unscale_(engine.optimizer)
-        params = [p for g in engine.optimizer.param_groups for p in g["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm or float("inf"))
-        self.grad_scaler.step(engine.optimizer)
-        self.grad_scaler.update()
+        loss, stats, grad_norm = amp_step(engine.optimizer, self.grad_scaler,
+                                          lambda: engine.network(**x, generator=self.generator, **overrides),
+                                          engine.state.device.type, self.use_amp, self.clip_grad_norm)
         values = torch.stack([loss.detach().float(), *(stats[k].float() for k in STAT_KEYS), grad_norm.float()])
         if is_distributed():
             torch.distributed.all_reduce(values)

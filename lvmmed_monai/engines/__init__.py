@@ -15,7 +15,6 @@ from lvmmed_monai.engines.detection import (
     average_precision,
     detection_loss_terms,
     match_detections,
-    per_class_ap,
 )
 from lvmmed_monai.engines.distributed import (
     GlobalBatchNorm2d,
@@ -39,9 +38,9 @@ from lvmmed_monai.engines.hybrid import (
     Joint3DTrainer,
     load_hybrid_backbone,
     load_stage_checkpoint,
-    per_class_dice,
     resolve_checkpoint,
 )
+from lvmmed_monai.engines.metrics import per_class_ap, per_class_dice, per_class_handlers, per_class_iou
 from lvmmed_monai.engines.pretrain import (
     LVMMedPretrainModel,
     LVMMedPretrainTrainer,
@@ -58,7 +57,7 @@ from lvmmed_monai.engines.progress import (
     output_scalars,
     progress_enabled,
 )
-from lvmmed_monai.engines.segmentation import SegmentationReport, per_class_iou
+from lvmmed_monai.engines.segmentation import SegmentationReport
 from lvmmed_monai.engines.step import GradientClipHandler, amp_step, clip_gradients
 
 __all__ = [
@@ -68,7 +67,7 @@ __all__ = [
     "OnlineProbe", "latest_checkpoint", "attach_checkpointing", "GlobalBatchNorm2d", "distributed_setup",
     "convert_sync_batchnorm", "wrap_ddp", "init_distributed", "get_rank", "get_world_size", "is_main_process",
     "Joint3DTrainer", "GradientClipHandler", "load_stage_checkpoint", "load_hybrid_backbone", "optional_path",
-    "per_class_dice", "resolve_checkpoint", "per_class_iou", "SegmentationReport",
+    "per_class_dice", "per_class_handlers", "resolve_checkpoint", "per_class_iou", "SegmentationReport",
     "BalancedAccuracyMetric", "BalancedAccuracy", "ClassificationReport",
     "DetectionPrepareBatch", "DetectionLoss", "detection_loss_terms", "match_detections",
     "ap_from_matches", "average_precision", "DetectionAP", "per_class_ap", "DetectionReport",

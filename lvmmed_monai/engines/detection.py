@@ -13,7 +13,7 @@ What joins them, written here because MONAI has none of it for torchvision model
 * :func:`match_detections` / :func:`ap_from_matches` / :func:`average_precision`: AP at one IoU threshold per
   class with MONAI's maintained COCO implementation (``monai.apps.detection.metrics``: ``matching_batch`` +
   ``COCOMetric``, 101-point interpolation); :class:`DetectionAP` (an ignite metric, the mean over classes or
-  one class) and :func:`per_class_ap` for the evaluators;
+  one class) for the evaluators (one per class: :func:`~lvmmed_monai.engines.metrics.per_class_ap`);
 * :class:`DetectionReport`: the predictions as a COCO-style JSON (and the metrics), written atomically.
 """
 
@@ -42,7 +42,7 @@ from lvmmed_monai.engines.reporting import finite_or_none
 from lvmmed_monai.io import atomic_open, make_readable
 
 __all__ = ["DetectionPrepareBatch", "DetectionLoss", "detection_loss_terms",
-           "match_detections", "ap_from_matches", "average_precision", "DetectionAP", "per_class_ap",
+           "match_detections", "ap_from_matches", "average_precision", "DetectionAP",
            "DetectionReport"]
 
 logger = logging.getLogger(__name__)
@@ -181,17 +181,6 @@ class DetectionAP(Metric):
         if self.class_index is not None:
             return float(ap[self.class_index - 1])
         return float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan")
-
-
-def per_class_ap(num_classes: int, class_names: Sequence[str] | None = None, prefix: str = "val_ap50_",
-                 iou_threshold: float = 0.5, max_detections: int = 100) -> dict[str, DetectionAP]:
-    """``{prefix + name: DetectionAP(class_index=c)}`` for the classes 1..C, for an evaluator's
-    ``additional_metrics`` (StatsHandler / TensorBoard log each class's AP as a scalar)."""
-    names = list(class_names) if class_names else [str(c) for c in range(1, int(num_classes))]
-    if len(names) != int(num_classes) - 1:
-        raise ValueError(f"{len(names)} class names {names} for num_classes={num_classes} (classes + background)")
-    return {f"{prefix}{name}": DetectionAP(num_classes, c + 1, iou_threshold, max_detections)
-            for c, name in enumerate(names)}
 
 
 class DetectionReport:

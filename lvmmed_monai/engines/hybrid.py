@@ -5,21 +5,18 @@
   MONAI's handlers (stats, TensorBoard, checkpoints) drive it unchanged;
 * :func:`load_stage_checkpoint`: start a pretraining stage from the previous stage's checkpoint;
 * :func:`load_hybrid_backbone`: put pretrained f_intra + f_inter into a segmentation or classification network;
-* :func:`per_class_dice`: one MONAI ``MeanDice`` handler per class, so that StatsHandler / TensorBoard log
-  each class's validation Dice as a scalar.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from monai.engines import SupervisedTrainer
-from monai.handlers import MeanDice, from_engine
 from torch import nn
 from torch.optim import Optimizer
 
@@ -30,7 +27,7 @@ from lvmmed_monai.engines.step import amp_step
 from lvmmed_monai.ssl.joint3d import Joint3DLoss
 
 __all__ = ["Joint3DTrainer", "resolve_checkpoint", "load_stage_checkpoint",
-           "load_hybrid_backbone", "per_class_dice", "per_class_handlers"]
+           "load_hybrid_backbone"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,33 +88,6 @@ def load_hybrid_backbone(net: nn.Module, path: str | os.PathLike | None, map_loc
                            f"pretraining run?): {str(err)[:400]}") from err
     logger.info("loaded the pretrained hybrid backbone (f_intra + f_inter) from %s", file)
     return net
-
-
-def _channel_transform(channel: int) -> Callable[[Any], tuple[list, list]]:
-    def select(output: Any) -> tuple[list, list]:
-        preds, labels = from_engine(["pred", "label"])(output)
-        return [p[channel : channel + 1] for p in preds], [y[channel : channel + 1] for y in labels]
-
-    return select
-
-
-def per_class_handlers(handler: Callable[..., Any], num_classes: int, class_names: Sequence[str] | None = None,
-                       include_background: bool = False, prefix: str = "") -> dict[str, Any]:
-    """``{prefix + name: handler(...)}``: one MONAI metric handler (``MeanDice``, ``MeanIoUHandler``, ...) per
-    class of one-hot ``pred`` / ``label`` (``(C, ...)`` per item after ``AsDiscreted(to_onehot=C)``), for a
-    MONAI evaluator's ``additional_metrics``, so StatsHandler / TensorBoard log each class as a scalar."""
-    names = list(class_names) if class_names else [str(c) for c in range(num_classes)]
-    if len(names) != num_classes:
-        raise ValueError(f"{len(names)} class names {names} for num_classes={num_classes}")
-    first = 0 if include_background else 1
-    return {f"{prefix}{names[c]}": handler(include_background=True, output_transform=_channel_transform(c))
-            for c in range(first, num_classes)}
-
-
-def per_class_dice(num_classes: int, class_names: Sequence[str] | None = None, include_background: bool = False,
-                   prefix: str = "val_dice_") -> dict[str, MeanDice]:
-    """One MONAI ``MeanDice`` per class (see :func:`per_class_handlers`)."""
-    return per_class_handlers(MeanDice, num_classes, class_names, include_background, prefix)
 
 
 class Joint3DTrainer(SupervisedTrainer):

@@ -1,7 +1,6 @@
-"""Engine pieces of the 2D / slice-by-slice segmentation bundle (``bundles/lvmmed_seg``) on MONAI's engines.
+"""Engine pieces of the 2D / slice-by-slice segmentation bundle (``bundles/lvmmed_seg``) on MONAI's engines
+(its per-class Dice / IoU handlers: :mod:`lvmmed_monai.engines.metrics`).
 
-* :func:`per_class_iou`: one MONAI ``MeanIoUHandler`` per class (beside
-  :func:`~lvmmed_monai.engines.hybrid.per_class_dice`), so StatsHandler / TensorBoard log each class's IoU;
 * :class:`SegmentationReport`: per-case Dice / IoU per class (the details MONAI's metric handlers keep: one row
   per evaluated image or volume, so a volume's metrics are those of the whole reassembled volume) and their
   means, written to CSV and JSON atomically at the end of an evaluation.
@@ -19,21 +18,13 @@ from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
-from monai.handlers import MeanIoUHandler
 
-from lvmmed_monai.engines.hybrid import per_class_handlers
 from lvmmed_monai.engines.reporting import case_name, finite_or_none
 from lvmmed_monai.io import atomic_open, make_readable
 
-__all__ = ["per_class_iou", "SegmentationReport"]
+__all__ = ["SegmentationReport"]
 
 logger = logging.getLogger(__name__)
-
-
-def per_class_iou(num_classes: int, class_names: Sequence[str] | None = None, include_background: bool = False,
-                  prefix: str = "val_iou_") -> dict[str, MeanIoUHandler]:
-    """One MONAI ``MeanIoUHandler`` per class (see :func:`~lvmmed_monai.engines.hybrid.per_class_handlers`)."""
-    return per_class_handlers(MeanIoUHandler, num_classes, class_names, include_background, prefix)
 
 
 class SegmentationReport:

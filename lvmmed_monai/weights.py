@@ -598,12 +598,7 @@ def export_encoder(encoder: nn.Module, path: str | os.PathLike, patch_size: tupl
     state = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
     path = save_atomic(convert_state_dict(state, official) if official != layout else state, path)
     stem = encoder.first_conv_key.rsplit(".", 1)[0]
-    if official == "torchvision_resnet50":
-        norm = {"scheme": "imagenet", "input_range": [0.0, 1.0], "mean": [0.485, 0.456, 0.406],
-                "std": [0.229, 0.224, 0.225]}
-    else:
-        norm = {"scheme": "sam", "input_range": [0.0, 255.0], "mean": [123.675, 116.28, 103.53],
-                "std": [58.395, 57.12, 57.375]}
+    norm = dict(encoder.pretrain_normalization)  # the encoder class's fact (lvmmed_monai.encoders)
     plan = {
         "architecture_name": type(encoder).__name__,
         "num_input_channels": int(state[encoder.first_conv_key].shape[1]),

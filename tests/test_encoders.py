@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -80,3 +82,82 @@ def test_zero_init_residual_makes_every_block_the_identity_at_init(one_thread):
     assert all(torch.equal(v, loaded[k]) for k, v in standard.items())
     with pytest.raises(ValueError, match="zero_init_residual"):
         build_encoder("lvmmed_vit_b", 64, zero_init_residual=True)
+
+
+@pytest.mark.parametrize("name", ["lvmmed_resnet50", "lvmmed_vit_b"])
+def test_encoder_facts_are_what_the_encoder_computes(name):
+    """Each encoder class states its facts once (lvmmed_monai.encoders); they must match a real forward pass."""
+    from lvmmed_monai.encoders import ENCODERS, build_encoder, input_normalization
+
+    cls = ENCODERS[name]
+    encoder = build_encoder(name, 64).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        levels, last = encoder.level_maps(x), encoder.feature_map(x)
+    assert tuple(m.shape[1] for m in levels) == cls.level_channels
+    assert tuple(64 // m.shape[-1] for m in levels) == cls.level_strides
+    assert last.shape[1] == cls.feature_dim and 64 // last.shape[-1] == cls.feature_stride
+    assert torch.equal(levels[cls.last_block_level], last)
+    mean, std = input_normalization(name)
+    scale = cls.pretrain_normalization["input_range"][1]  # the plan's statistics, on the plan's input scale
+    assert mean == pytest.approx(tuple(m / scale for m in cls.pretrain_normalization["mean"]))
+    assert std == pytest.approx(tuple(s / scale for s in cls.pretrain_normalization["std"]))
+    assert ("img_size" in inspect.signature(cls).parameters) == cls.sized_by_image
+    with pytest.raises(ValueError, match="unknown encoder 'resnet50'; valid names"):
+        input_normalization("resnet50")
+
+
+def test_registries_take_a_third_encoder_in_their_register_call():
+    """A new encoder: its class with the facts, ENCODERS.register, and SEGMENTATION_NETS_2D.register for its 2D
+    segmentation network; then build_encoder, input_normalization and segmentation_net_2d take its name."""
+    from torch import nn
+
+    from lvmmed_monai.encoders import ENCODERS, build_encoder, input_normalization
+    from lvmmed_monai.networks import SEGMENTATION_NETS_2D, segmentation_net_2d
+    from lvmmed_monai.registry import Registry
+
+    class Tiny(nn.Module):
+        feature_dim, feature_stride, sized_by_image = 8, 4, False
+        input_mean, input_std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+        level_channels, level_strides, last_block_level = (4, 8), (2, 4), 1
+
+        def __init__(self, in_channels: int = 3, weights: object = None) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(in_channels, 4, 2, 2), nn.Conv2d(4, 8, 2, 2)
+
+        def level_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+            a = self.a(x)
+            return [a, self.b(a)]
+
+        def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+            return self.level_maps(x)[-1]
+
+    class TinySeg(nn.Module):
+        def __init__(self, in_channels: int, out_channels: int, weights: object = None, strict: bool = True) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(in_channels, out_channels, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x)
+
+    try:
+        ENCODERS.register("tiny", Tiny)
+        SEGMENTATION_NETS_2D.register("tiny", TinySeg)
+        assert isinstance(build_encoder("tiny", 32), Tiny)
+        assert input_normalization("tiny") == ((0.5,) * 3, (0.25,) * 3)
+        assert segmentation_net_2d("tiny", 1, 3)(torch.rand(1, 1, 8, 8)).shape == (1, 3, 8, 8)
+        with pytest.raises(ValueError, match="already registered"):
+            ENCODERS.register("tiny", TinySeg)
+        assert ENCODERS.register("tiny", Tiny) is Tiny  # the same object again is fine
+    finally:
+        ENCODERS.pop("tiny", None)
+        SEGMENTATION_NETS_2D.pop("tiny", None)
+    reg = Registry("widget")
+
+    @reg.register("w")
+    def widget() -> int:
+        return 1
+
+    assert reg.get_or_raise("w") is widget
+    with pytest.raises(ValueError, match=r"unknown widget 'v'; valid names: \['w'\]"):
+        reg.get_or_raise("v")

@@ -11,7 +11,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "lvmmed_monai"
 # low to high (docs/README.md, "Layers"); a package may import its own modules and any lower layer
 LAYERS: dict[str, int] = {
-    "config_values": 0, "io": 0, "process_group": 0, "optim": 0,
+    "config_values": 0, "io": 0, "process_group": 0, "optim": 0, "registry": 0,
     "weights": 1,
     "encoders": 2, "layers": 2,
     "data": 3,

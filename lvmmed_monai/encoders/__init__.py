@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -11,6 +12,7 @@ from torch import nn
 from lvmmed_monai.config_values import as_int
 from lvmmed_monai.encoders.resnet import IMAGENET_MEAN, IMAGENET_STD, LVMMedResNet50
 from lvmmed_monai.encoders.vit import SAM_PIXEL_MEAN, SAM_PIXEL_STD, LVMMedViTB
+from lvmmed_monai.registry import Registry
 
 __all__ = [
     "ENCODERS",
@@ -25,7 +27,10 @@ __all__ = [
     "build_encoder",
 ]
 
-ENCODERS: dict[str, type[nn.Module]] = {"lvmmed_resnet50": LVMMedResNet50, "lvmmed_vit_b": LVMMedViTB}
+# A new encoder: a class with the facts of LVMMedResNet50 / LVMMedViTB (feature_dim, feature_stride, input_mean,
+# input_std, pretrain_normalization, level_channels, level_strides, sized_by_image, level_maps, feature_map),
+# then ENCODERS.register("name", cls); SEGMENTATION_NETS_2D.register("name", net) for its 2D segmentation network.
+ENCODERS = Registry("encoder", {"lvmmed_resnet50": LVMMedResNet50, "lvmmed_vit_b": LVMMedViTB})
 
 
 def load_encoder(
@@ -46,9 +51,7 @@ def load_encoder(
 
 
 def _encoder_class(name: str) -> type[nn.Module]:
-    if name not in ENCODERS:
-        raise ValueError(f"unknown encoder {name!r}; valid names: {sorted(ENCODERS)}")
-    return ENCODERS[name]
+    return ENCODERS.get_or_raise(name)
 
 
 def input_normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -66,9 +69,10 @@ def build_encoder(
     trainable parameter to get a gradient). ``zero_init_residual`` (ResNet-50, random init only): every
     residual block starts as the identity (see :class:`~lvmmed_monai.encoders.LVMMedResNet50`)."""
     image_size = as_int(image_size, "image_size")
-    kwargs = {"img_size": image_size} if name == "lvmmed_vit_b" else {}
+    cls = _encoder_class(name)
+    kwargs = {"img_size": image_size} if cls.sized_by_image else {}
     if zero_init_residual:
-        if name != "lvmmed_resnet50":
+        if "zero_init_residual" not in inspect.signature(cls).parameters:
             raise ValueError(f"zero_init_residual applies to lvmmed_resnet50 only, not {name!r}; set it to false")
         kwargs["zero_init_residual"] = True
     encoder = load_encoder(name, weights=weights, in_channels=3, **kwargs)

@@ -44,9 +44,17 @@ class LVMMedResNet50(ResNetFeatures, BaseEncoder, LoadsWeights):
 
     weights_layout = "torchvision_resnet50"
     first_conv_key = "conv1.weight"
+    # the encoder's facts, read by every other module (one home per encoder, as timm's per-model config)
     feature_dim = 2048
     feature_stride = 32
     input_mean, input_std = IMAGENET_MEAN, IMAGENET_STD  # for inputs in [0, 1] (torchvision's ImageNet statistics)
+    # as the exported adaptation_plan.json records it: the scale the statistics are given on
+    pretrain_normalization = {"scheme": "imagenet", "input_range": [0.0, 1.0], "mean": list(IMAGENET_MEAN),
+                              "std": list(IMAGENET_STD)}
+    level_channels = (64, 256, 512, 1024, 2048)  # level_maps(): stem, layer1 .. layer4
+    level_strides = (2, 4, 8, 16, 32)
+    last_block_level = 4  # layer4
+    sized_by_image = False  # any input size; no img_size argument
 
     def __init__(
         self,
@@ -78,6 +86,10 @@ class LVMMedResNet50(ResNetFeatures, BaseEncoder, LoadsWeights):
                 "pretrained=True needs a weights file: LVM-Med weights are never downloaded implicitly. Build "
                 "lvmmed_monai.networks.LVMMedFlexibleUNet(..., weights=PATH) or call encoder.load_weights(PATH)."
             )
+
+    def level_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The maps of :attr:`level_channels` (stem, layer1 .. layer4), as MONAI's ``ResNetFeatures`` returns them."""
+        return list(self(x))
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, C, H, W)`` -> last stage ``(N, 2048, H/32, W/32)``, without computing the list of skips."""

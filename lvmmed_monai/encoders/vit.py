@@ -39,11 +39,18 @@ class LVMMedViTB(VisionTransformerSAM, LoadsWeights):
 
     weights_layout = "timm_samvit_b"
     first_conv_key = "patch_embed.proj.weight"
+    # the encoder's facts, read by every other module (one home per encoder, as timm's per-model config)
     feature_dim = 768
     feature_stride = 16
     # for inputs in [0, 1]: SAM's pixel statistics, given on the 0-255 scale
     input_mean = tuple(m / 255 for m in SAM_PIXEL_MEAN)
     input_std = tuple(s / 255 for s in SAM_PIXEL_STD)
+    pretrain_normalization = {"scheme": "sam", "input_range": [0.0, 255.0], "mean": list(SAM_PIXEL_MEAN),
+                              "std": list(SAM_PIXEL_STD)}
+    level_channels = (768, 768, 768, 768, 256)  # level_maps(): the blocks of out_indices, then SAM's neck
+    level_strides = (16, 16, 16, 16, 16)
+    last_block_level = 3  # the last transformer block (the neck comes after it)
+    sized_by_image = True  # img_size sets the position tables (a multiple of 16)
 
     def __init__(
         self,
@@ -102,6 +109,11 @@ class LVMMedViTB(VisionTransformerSAM, LoadsWeights):
         if not isinstance(out, tuple):
             raise RuntimeError("timm's forward_intermediates returned no neck output")
         return out[0], out[1]
+
+    def level_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The maps of :attr:`level_channels`: the blocks of ``out_indices``, then SAM's neck."""
+        neck, blocks = self.intermediates(x)
+        return [*blocks, neck]
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         """Last transformer block, ``(N, 768, H/16, W/16)``."""

@@ -1,10 +1,8 @@
 """Attention layers along the slice axis of a volume, for the 2D-3D hybrid backbone.
 
 ``SLICE_ATTENTION`` maps a name to a layer class with the interface ``layer(x (B, D, C), key_padding_mask)``;
-register another class there to use it in :class:`~lvmmed_monai.networks.hybrid.InterSliceTransformer`.
+``SLICE_ATTENTION.register(name, cls)`` adds one for :class:`~lvmmed_monai.networks.hybrid.InterSliceTransformer`.
 """
-
-from torch import nn
 
 from lvmmed_monai.layers.deformable_slice_attention import (
     DeformableSliceAttention,
@@ -16,11 +14,12 @@ from lvmmed_monai.layers.neighborhood_slice_attention import (
     import_natten,
     neighborhood_mask,
 )
+from lvmmed_monai.registry import Registry
 
-SLICE_ATTENTION: dict[str, type[nn.Module]] = {
+SLICE_ATTENTION = Registry("slice attention", {
     "deformable": DeformableSliceAttention,
     "neighborhood": NeighborhoodSliceAttention,
-}
+})
 
 __all__ = [
     "SLICE_ATTENTION",

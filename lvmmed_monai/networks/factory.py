@@ -8,16 +8,18 @@ from typing import Any
 
 from torch import nn
 
+from lvmmed_monai.encoders import ENCODERS
 from lvmmed_monai.networks.classifier import LVMMedClassifier
 from lvmmed_monai.networks.unet import LVMMedFlexibleUNet
 from lvmmed_monai.networks.vit_unetr import LVMMedViTUNETR
+from lvmmed_monai.registry import Registry
 
 __all__ = ["SEGMENTATION_NETS_2D", "segmentation_net_2d", "classification_net_2d"]
 
-SEGMENTATION_NETS_2D: dict[str, type[nn.Module]] = {
+SEGMENTATION_NETS_2D = Registry("2D segmentation network", {
     "lvmmed_resnet50": LVMMedFlexibleUNet,  # MONAI FlexibleUNet decoder
     "lvmmed_vit_b": LVMMedViTUNETR,  # UNETR decoder from MONAI's blocks
-}
+})
 
 
 def segmentation_net_2d(encoder: str, in_channels: int, out_channels: int,
@@ -43,7 +45,7 @@ def classification_net_2d(encoder: str, in_channels: int, num_classes: int,
     frozen (no gradient, eval mode), only the head trains; else full fine-tuning. The ViT's position tables
     are sized for ``image_size`` (a multiple of 16); the ResNet-50 takes any size. Extra ``kwargs`` go to the
     encoder."""
-    if encoder == "lvmmed_vit_b":
+    if ENCODERS.get_or_raise(encoder).sized_by_image:
         kwargs.setdefault("img_size", int(image_size))
     return LVMMedClassifier(int(num_classes), encoder=encoder, weights=weights, in_channels=int(in_channels),
                             freeze_encoder=bool(linear_probe), hidden_dims=[int(h) for h in hidden_dims],

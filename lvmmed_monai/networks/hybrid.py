@@ -43,9 +43,10 @@ from torch import Tensor, nn
 
 from lvmmed_monai.encoders import load_encoder
 from lvmmed_monai.networks.ds_unet import LVMMedDeepSupervisionUNet
+from lvmmed_monai.networks.factory import SEGMENTATION_NETS_2D
 from lvmmed_monai.networks.inter_slice import InterSliceTransformer
 from lvmmed_monai.networks.slice_encoding import (
-    ENCODER_LEVELS,
+    CONTEXT_LEVELS,
     SliceEmbeddings,
     SliceEncoderBase,
     Weights,
@@ -56,7 +57,7 @@ from lvmmed_monai.networks.unet import LVMMedFlexibleUNet
 from lvmmed_monai.networks.vit_unetr import LVMMedViTUNETR
 
 __all__ = ["LVMMedHybridBackbone", "LVMMedHybridClassifier", "LVMMedHybridSegNet", "SliceEmbeddings",
-           "ENCODER_LEVELS"]
+           "CONTEXT_LEVELS"]
 
 
 class LVMMedHybridBackbone(SliceEncoderBase):
@@ -149,15 +150,15 @@ class LVMMedHybridSegNet(SliceEncoderBase):
         self.ds_scales = None if ds_scales is None else [list(map(float, s)) for s in ds_scales]
         if self.ds_scales is not None and any(len(s) != 3 or min(s) <= 0 for s in self.ds_scales):
             raise ValueError(f"ds_scales must be positive (z, y, x) triples, got {self.ds_scales}")
-        if encoder == "lvmmed_vit_b":
-            if ds_scales is not None:
-                raise ValueError("the ViT UNETR decoder has one output: build it without ds_scales")
-            self.net2d: nn.Module = LVMMedViTUNETR(**kw)
-        elif ds_scales is not None:
+        net_cls = SEGMENTATION_NETS_2D.get_or_raise(encoder)
+        if ds_scales is None:
+            self.net2d: nn.Module = net_cls(**kw)
+        elif net_cls is LVMMedFlexibleUNet:  # the deep-supervision U-Net is its FlexibleUNet with more heads
             self.net2d = LVMMedDeepSupervisionUNet(ds_scales=[s[1:] for s in self.ds_scales],
                                                    deep_supervision=deep_supervision, **kw)
         else:
-            self.net2d = LVMMedFlexibleUNet(**kw)
+            raise ValueError(f"the {net_cls.__name__} decoder of {encoder} has one output: build it without "
+                             "ds_scales")
         self.inter = InterSliceTransformer(self.embed_dim, **dict(inter_kwargs or {}))
         self.context_levels = tuple(spec["context"])
         self.context = nn.ModuleList(

@@ -15,18 +15,28 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lvmmed_monai.encoders import ENCODERS
 from lvmmed_monai.networks.inter_slice import InterSliceTransformer
 from lvmmed_monai.networks.padding import pad_to_multiple
+from lvmmed_monai.registry import Registry
 
-__all__ = ["ENCODER_LEVELS", "SliceEmbeddings", "SliceEncoderBase", "Weights", "gather_rows", "scatter_rows"]
+__all__ = ["CONTEXT_LEVELS", "hybrid_spec", "SliceEmbeddings", "SliceEncoderBase", "Weights", "gather_rows",
+           "scatter_rows"]
 
-# per encoder: channels of the levels f_intra returns, the levels that get context, the input stride, and the
-# last block (ResNet-50 layer4, ViT block 12; the ViT's neck comes after it): the single-level embedding of the
-# "w/o multi-feature" ablation and the maps the slice graph-matching term reads
-ENCODER_LEVELS: dict[str, dict[str, tuple[int, ...] | int]] = {
-    "lvmmed_resnet50": {"channels": (64, 256, 512, 1024, 2048), "context": (1, 2, 3, 4), "stride": 32, "last": 4},
-    "lvmmed_vit_b": {"channels": (768, 768, 768, 768, 256), "context": (0, 1, 2, 4), "stride": 16, "last": 3},
-}
+# The hybrid network's one choice per encoder: which levels of f_intra (its level_maps()) get f_inter's context.
+# The rest is the encoder's own facts (lvmmed_monai.encoders): level_channels, feature_stride, last_block_level.
+CONTEXT_LEVELS = Registry("hybrid encoder", {"lvmmed_resnet50": (1, 2, 3, 4), "lvmmed_vit_b": (0, 1, 2, 4)})
+
+
+def hybrid_spec(encoder: str) -> dict[str, Any]:
+    """``{"channels", "stride", "last", "context"}`` of ``encoder`` for the hybrid networks: its levels' channels,
+    its input stride, its last block's level (the single-level embedding of the "w/o multi-feature" ablation and
+    the maps the slice graph-matching term reads) and the levels that get context."""
+    cls = ENCODERS.get_or_raise(encoder)
+    if encoder not in CONTEXT_LEVELS:
+        raise ValueError(f"unknown encoder {encoder!r} for the hybrid network; valid: {sorted(CONTEXT_LEVELS)}")
+    return {"channels": tuple(cls.level_channels), "stride": int(cls.feature_stride),
+            "last": int(cls.last_block_level), "context": tuple(CONTEXT_LEVELS[encoder])}
 Weights = str | os.PathLike | Mapping[str, Any] | None
 
 
@@ -79,14 +89,12 @@ class SliceEncoderBase(nn.Module):
 
     @staticmethod
     def _spec(encoder: str) -> dict:
-        if encoder not in ENCODER_LEVELS:
-            raise ValueError(f"unknown encoder {encoder!r} for the hybrid network; valid: {sorted(ENCODER_LEVELS)}")
-        return ENCODER_LEVELS[encoder]
+        return hybrid_spec(encoder)
 
     @property
     def embed_dim(self) -> int:
         """``F_in``, the width of ``Y`` (every level's channels, or the last block's without multi-feature)."""
-        spec = ENCODER_LEVELS[self.encoder_name]
+        spec = self._spec(self.encoder_name)
         return sum(spec["channels"]) if self.multi_feature else spec["channels"][spec["last"]]
 
     def check_volume(self, x: Tensor, lengths: Tensor | Sequence[int] | None) -> tuple[Tensor, Tensor | None]:
@@ -128,17 +136,14 @@ class SliceEncoderBase(nn.Module):
         return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
     def level_features(self, slices: Tensor) -> list[Tensor]:
-        """f_intra's multi-level maps of padded slices ``(n, C, H', W')`` (see :data:`ENCODER_LEVELS`)."""
-        if self.encoder_name == "lvmmed_vit_b":
-            neck, blocks = self.f_intra.intermediates(slices)
-            return [*blocks, neck]
-        return list(self.f_intra(slices))
+        """f_intra's multi-level maps of padded slices ``(n, C, H', W')`` (the encoder's ``level_maps``)."""
+        return self.f_intra.level_maps(slices)
 
     def pool_levels(self, levels: list[Tensor]) -> Tensor:
         """Eq. 9: the slice embedding is the concatenation of every level's global average, ``(n, F_in)``; the
         last block's average alone with ``multi_feature=False`` (the joint 2D-3D paper's "w/o multi-feature")."""
         if not self.multi_feature:
-            return levels[int(ENCODER_LEVELS[self.encoder_name]["last"])].mean(dim=(-2, -1))
+            return levels[self._spec(self.encoder_name)["last"]].mean(dim=(-2, -1))
         return torch.cat([f.mean(dim=(-2, -1)) for f in levels], dim=1)
 
     def slice_embeddings(self, x: Tensor, lengths: Tensor | Sequence[int] | None = None,
@@ -152,7 +157,7 @@ class SliceEncoderBase(nn.Module):
             levels = self.level_features(slices[part])
             embeds.append(self.pool_levels(levels))
             if return_maps:
-                maps.append(levels[int(ENCODER_LEVELS[self.encoder_name]["last"])])
+                maps.append(levels[self._spec(self.encoder_name)["last"]])
         y = scatter_rows(torch.cat(embeds), index, b * d).view(b, d, -1)
         return SliceEmbeddings(y, kpm, index, torch.cat(maps) if return_maps else None)
 

@@ -13,6 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from lvmmed_monai.registry import Registry
+
 __all__ = ["lawler_from_edges", "lawler_edges", "pair_products", "qap_objective", "solve_lap", "solve_qap",
            "lvmmed_qap", "QAP_SOLVERS"]
 
@@ -384,14 +386,15 @@ def _pygm(name: str) -> Callable[..., Tensor]:
     return solve
 
 
-# QAP solvers by name (extend by registering here, not by editing solve_qap): fn(K, n, **options) -> X.
-QAP_SOLVERS: dict[str, Callable[..., Tensor]] = {
+# QAP solvers by name: fn(K, n, **options) -> X; add one with QAP_SOLVERS.register(name, fn), not by editing
+# solve_qap.
+QAP_SOLVERS = Registry("QAP solver", {
     "lvmmed": lvmmed_qap,
     "lap": _lap_on_vertex_term,
     "rrwm": _pygm("rrwm"),
     "ipfp": _pygm("ipfp"),
     "sm": _pygm("sm"),
-}
+})
 
 
 def solve_qap(K: Tensor, n: int, method: str = "lvmmed", check_inputs: bool = True, **options: object) -> Tensor:

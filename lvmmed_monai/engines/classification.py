@@ -12,8 +12,6 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import math
 import os
@@ -22,12 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 from monai.handlers import IgniteMetricHandler
 from monai.metrics import ConfusionMatrixMetric
 
-from lvmmed_monai.engines.reporting import case_name, finite_or_none
-from lvmmed_monai.io import atomic_open, make_readable
+from lvmmed_monai.engines.reporting import EvaluationReport, case_name
 
 __all__ = ["BalancedAccuracyMetric", "BalancedAccuracy", "ClassificationReport"]
 
@@ -63,7 +60,7 @@ def _as_index(value: Any) -> int:
     return int(t.argmax()) if t.numel() > 1 else int(t.reshape(()))
 
 
-class ClassificationReport:
+class ClassificationReport(EvaluationReport):
     """Write an evaluator's per-image predictions (and metrics) when its run ends; ``attach(engine)``.
 
     Reads the decollated outputs: ``pred_key`` the class probabilities ``(C,)`` of each image (after
@@ -86,11 +83,6 @@ class ClassificationReport:
         self.label_key, self.pred_key, self.image_key = label_key, pred_key, image_key
         self.rows: list[dict[str, Any]] = []
 
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
-
     def _reset(self, engine: Engine) -> None:
         self.rows = []
 
@@ -111,23 +103,13 @@ class ClassificationReport:
     def _write(self, engine: Engine) -> None:
         columns = ["image", *(["label"] if self.label_key is not None else []), "prediction",
                    *[f"prob_{c}" for c in self.classes]]
-        csv_path = self.output_dir / f"{self.filename}.csv"
-        with atomic_open(csv_path, "w") as fh:
-            writer = csv.DictWriter(fh, fieldnames=columns, lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(self.rows)
-        written = [csv_path]
+        written = [self.write_csv(self.output_dir / f"{self.filename}.csv", columns, self.rows)]
         metrics: Mapping[str, Any] = {}
         if self.metric_names:
-            missing = [n for n in self.metric_names if n not in engine.state.metrics]
-            if missing:
-                raise ValueError(f"no metric {missing} on the evaluator (its metrics: {sorted(engine.state.metrics)})")
-            metrics = {n: finite_or_none(float(engine.state.metrics[n])) for n in self.metric_names}
-            json_path = self.output_dir / f"{self.metrics_filename}.json"
-            with atomic_open(json_path, "w") as fh:
-                json.dump({"metrics": metrics, "num_images": len(self.rows), "classes": self.classes}, fh, indent=2)
-            written.append(json_path)
-        make_readable(*written)
+            metrics = self.engine_metrics(engine, self.metric_names)
+            written.append(self.write_json(self.output_dir / f"{self.metrics_filename}.json",
+                                           {"metrics": metrics, "num_images": len(self.rows), "classes": self.classes}))
+        self.finish(*written)
         summary = {k: round(v, 4) for k, v in metrics.items() if v is not None and not math.isnan(v)}
         logger.info("%d prediction(s) written to %s%s", len(self.rows), ", ".join(map(str, written)),
                     f"; metrics {summary}" if metrics else "")

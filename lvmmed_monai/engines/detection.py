@@ -19,7 +19,6 @@ What joins them, written here because MONAI has none of it for torchvision model
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -28,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 from ignite.metrics import Metric
 from monai.apps.detection.metrics.coco import COCOMetric
 from monai.apps.detection.metrics.matching import matching_batch
@@ -38,8 +37,7 @@ from monai.handlers import from_engine
 from monai.utils import convert_to_tensor
 from torch import nn
 
-from lvmmed_monai.engines.reporting import finite_or_none
-from lvmmed_monai.io import atomic_open, make_readable
+from lvmmed_monai.engines.reporting import EvaluationReport
 
 __all__ = ["DetectionPrepareBatch", "DetectionLoss", "detection_loss_terms",
            "match_detections", "ap_from_matches", "average_precision", "DetectionAP",
@@ -183,7 +181,7 @@ class DetectionAP(Metric):
         return float(np.nanmean(ap)) if np.isfinite(ap).any() else float("nan")
 
 
-class DetectionReport:
+class DetectionReport(EvaluationReport):
     """Write an evaluator's detections (and metrics) when its run ends; ``attach(engine)``.
 
     Reads each iteration's items (``engine.state.batch``: ``image_id``, ``file_name``, ``width``, ``height``)
@@ -208,11 +206,6 @@ class DetectionReport:
         self.images: list[dict] = []
         self.detections: list[dict] = []
 
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
-
     def _reset(self, engine: Engine) -> None:
         self.images, self.detections = [], []
 
@@ -234,20 +227,14 @@ class DetectionReport:
                                         "area": round(w * h, 4), "score": round(score, 6), "iscrowd": 0})
 
     def _write(self, engine: Engine) -> None:
-        missing = [n for n in self.metric_names if n not in engine.state.metrics]
-        if missing:
-            raise ValueError(f"no metric {missing} on the evaluator (its metrics: {sorted(engine.state.metrics)})")
-        path = self.output_dir / f"{self.filename}.json"
-        with atomic_open(path, "w") as fh:
-            json.dump({"images": self.images, "categories": self.categories, "annotations": self.detections}, fh)
-        written = [path]
-        metrics = {n: finite_or_none(float(engine.state.metrics[n])) for n in self.metric_names}
+        metrics = self.engine_metrics(engine, self.metric_names)
+        written = [self.write_json(self.output_dir / f"{self.filename}.json", {
+            "images": self.images, "categories": self.categories, "annotations": self.detections}, indent=None)]
         if self.metric_names:
-            written.append(self.output_dir / f"{self.metrics_filename}.json")
-            with atomic_open(written[-1], "w") as fh:
-                json.dump({"metrics": metrics, "num_images": len(self.images), "iou_threshold": self.iou_threshold,
-                           "categories": self.categories}, fh, indent=2)
-        make_readable(*written)
+            written.append(self.write_json(self.output_dir / f"{self.metrics_filename}.json", {
+                "metrics": metrics, "num_images": len(self.images), "iou_threshold": self.iou_threshold,
+                "categories": self.categories}))
+        self.finish(*written)
         logger.info("%d detection(s) in %d image(s) written to %s%s", len(self.detections), len(self.images),
                     ", ".join(map(str, written)),
                     f"; metrics {({k: round(v, 4) for k, v in metrics.items() if v is not None})}" if metrics else "")

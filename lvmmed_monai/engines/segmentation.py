@@ -8,26 +8,22 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 
-from lvmmed_monai.engines.reporting import case_name, finite_or_none
-from lvmmed_monai.io import atomic_open, make_readable
+from lvmmed_monai.engines.reporting import EvaluationReport, case_name, finite_or_none
 
 __all__ = ["SegmentationReport"]
 
 logger = logging.getLogger(__name__)
 
 
-class SegmentationReport:
+class SegmentationReport(EvaluationReport):
     """Write the per-case details of an evaluator's metrics and their means at the end of its run.
 
     Each metric of ``metric_names`` must be a MONAI metric handler of the evaluator with ``save_details=True``
@@ -54,11 +50,6 @@ class SegmentationReport:
         self.metric_names, self.classes = list(metric_names), names[0 if include_background else 1:]
         self.image_key, self.label_key = image_key, label_key
         self.cases: list[tuple[str, str]] = []
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
 
     def _reset(self, engine: Engine) -> None:
         self.cases = []
@@ -95,17 +86,12 @@ class SegmentationReport:
                              "evaluator needs MONAI metric handlers of these names with save_details=True")
         rows, means = self.rows(details)
         columns = list(rows[0]) if rows else ["case", "label"]
-        csv_path, json_path = self.output_dir / f"{self.filename}.csv", self.output_dir / f"{self.filename}.json"
-        with atomic_open(csv_path, "w") as fh:
-            writer = csv.DictWriter(fh, fieldnames=columns, lineterminator="\n")
-            writer.writeheader()
-            for row in [*rows, {"case": "mean", "label": "", **means}]:
-                writer.writerow({k: "" if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()})
+        csv_path = self.write_csv(self.output_dir / f"{self.filename}.csv", columns,
+                                  [*rows, {"case": "mean", "label": "", **means}])
         report = {"cases": [{k: finite_or_none(v) if isinstance(v, float) else v for k, v in r.items()}
                             for r in rows],
                   "mean": {k: finite_or_none(v) for k, v in means.items()}, "num_cases": len(rows)}
-        with atomic_open(json_path, "w") as fh:
-            json.dump(report, fh, indent=2)
-        make_readable(csv_path, json_path)
+        json_path = self.write_json(self.output_dir / f"{self.filename}.json", report)
+        self.finish(csv_path, json_path)
         logger.info("metrics of %d case(s) written to %s and %s; means %s", len(rows), csv_path, json_path,
                     {k: round(v, 4) for k, v in means.items() if k.endswith("_mean")})

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from lvmmed_monai.data import official_resnet50_state
-from lvmmed_monai.data.synthetic import write_nnunet_raw_dataset
+from lvmmed_monai.demo.synthetic import write_nnunet_raw_dataset
 from nnunet_plugin import PLUGIN_DIR
 
 BIN = Path(sys.executable).parent

@@ -19,8 +19,8 @@ import time
 import torch
 import torchvision
 
-from lvmmed_monai.data.synthetic import phantom_batch
 from lvmmed_monai.data.views import LVMMedViewsd
+from lvmmed_monai.demo.synthetic import phantom_batch
 from lvmmed_monai.ssl.imle import gumbel_noise
 from lvmmed_monai.ssl.loss import LVMMedLoss
 from lvmmed_monai.ssl.matching import lawler_from_edges, qap_objective, solve_qap
@@ -30,7 +30,7 @@ from lvmmed_monai.ssl.matching import lawler_from_edges, qap_objective, solve_qa
 def lvmmed_like_instances(num: int, n: int = 16, k: int = 5, size: int = 64, seed: int = 0) -> torch.Tensor:
     """``(num, n*n, n*n)`` Lawler matrices of the problems LVMMedLoss hands to the solver in a training step.
 
-    ``num * n`` phantoms (:func:`~lvmmed_monai.data.synthetic.phantom_batch`) -> two ``LVMMedViewsd`` views
+    ``num * n`` phantoms (:func:`~lvmmed_monai.demo.synthetic.phantom_batch`) -> two ``LVMMedViewsd`` views
     with coordinate maps -> torchvision ResNet-50 trunk (``weights=None``) -> ``LVMMedLoss.affinities``
     (projector, kNN k=5, GCN, global + local vertex affinity, edge affinity; randomly initialised heads) ->
     Gumbel(0, 1) on c_v and c_e as IMLE's forward pass adds (:func:`~lvmmed_monai.ssl.imle.gumbel_noise`).

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser
 
-from lvmmed_monai.data.phantoms import torso_ct
+from lvmmed_monai.demo.phantoms import torso_ct
 
 CONFIG = Path(__file__).resolve().parents[1] / "bundles" / "lvmmed_seg" / "configs" / "inference.yaml"
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lvmmed_monai.data.phantoms import SHAPE_CLASSES, shape_phantoms
+from lvmmed_monai.demo.phantoms import SHAPE_CLASSES, shape_phantoms
 
 __all__ = ["encoder_input", "embed", "knn_accuracy", "linear_probe_accuracy", "load_labeled_folder",
            "labeled_split", "compare_encoders", "effective_rank", "mean_dice", "segmentation_probe_dice",
@@ -132,7 +132,7 @@ def compare_encoders(
 
     ``data``: a labeled folder (``root/<class>/*.png``, split 50/50 by a seeded shuffle, or ``root/train/<class>``
     and ``root/test/<class>``, split as given) or None for the generated shape set
-    (:func:`~lvmmed_monai.data.phantoms.shape_phantoms`, ``num_train`` + ``num_test``).
+    (:func:`~lvmmed_monai.demo.phantoms.shape_phantoms`, ``num_train`` + ``num_test``).
     The random encoder has the same architecture, seeded with ``seed``.
     """
     from lvmmed_monai.encoders import build_encoder, input_normalization

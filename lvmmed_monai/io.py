@@ -1,4 +1,5 @@
-"""File writing shared by every layer: atomic writes and the permissions of files written through them.
+"""File writing shared by every layer: atomic writes of files and of whole folders (built beside the target,
+then renamed), and the permissions of what is written through temporary files.
 
 The lowest layer of the package (it imports nothing of it), so data loaders, weights, engines and scripts write
 files the same way without importing each other.
@@ -7,13 +8,15 @@ files the same way without importing each other.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_open", "save_atomic", "make_readable"]
+__all__ = ["atomic_open", "save_atomic", "make_readable", "build_folder", "write_folder_once"]
 
 
 @contextlib.contextmanager
@@ -48,3 +51,37 @@ def make_readable(*paths: str | os.PathLike) -> None:
     os.umask(umask)
     for path in paths:
         os.chmod(path, (0o755 if os.path.isdir(path) else 0o644) & ~umask)
+
+
+def build_folder(root: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
+    """Build the folder ``root`` with ``fill(tmp)`` in a temporary sibling, then rename it over ``root`` (an
+    existing one is replaced), so an interrupted build leaves nothing half-written."""
+    root = Path(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
+    try:
+        fill(tmp)
+        make_readable(tmp)
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
+
+
+def write_folder_once(root: str | os.PathLike, stamp: Mapping[str, Any], fill: Callable[[Path], None],
+                      stamp_name: str = "phantoms.json") -> Path:
+    """:func:`build_folder` with a ``stamp`` (JSON) stored as ``root/stamp_name``: a later call with the same
+    stamp returns ``root`` at once."""
+    root = Path(root)
+    stamp = json.loads(json.dumps(dict(stamp)))  # as read back (tuples -> lists)
+    if (root / stamp_name).is_file() and json.loads((root / stamp_name).read_text()) == stamp:
+        return root
+
+    def fill_and_stamp(tmp: Path) -> None:
+        fill(tmp)
+        (tmp / stamp_name).write_text(json.dumps(stamp))
+
+    return build_folder(root, fill_and_stamp)

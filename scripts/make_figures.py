@@ -197,7 +197,7 @@ def make_overlay(run_dir: Path, out_png: Path) -> Path:
     """Segment the first validation volume of the run with ``inference.yaml`` and plot it with its label."""
     import nibabel as nib
 
-    from lvmmed_monai.data.volume_phantoms import SEGMENTATION_CLASSES
+    from lvmmed_monai.demo.volumes import SEGMENTATION_CLASSES
 
     case = validation_case(run_dir)
     pred_dir = run_dir / "figure_predictions"

@@ -14,11 +14,12 @@ LAYERS: dict[str, int] = {
     "config_values": 0, "io": 0, "process_group": 0, "optim": 0, "registry": 0,
     "weights": 1,
     "encoders": 2, "layers": 2,
-    "data": 3,
-    "ssl": 4, "networks": 4,
-    "evaluation": 5, "inference": 5,
-    "engines": 6,
-    "cli": 7, "__init__": 7,
+    "demo": 3,
+    "data": 4,
+    "ssl": 5, "networks": 5,
+    "evaluation": 6, "inference": 6,
+    "engines": 7,
+    "cli": 8, "__init__": 8,
 }
 
 

@@ -15,7 +15,7 @@ from bundle_helpers import REPO, ok, run_bundle, scalars
 from ignite.engine import Engine, Events
 from PIL import Image
 
-from lvmmed_monai.data.phantoms import _chest_xray
+from lvmmed_monai.demo.phantoms import _chest_xray
 from lvmmed_monai.engines import OnlineProbe, build_encoder
 
 CONFIGS = REPO / "bundles" / "lvmmed_pretrain" / "configs"

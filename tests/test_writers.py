@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from lvmmed_monai.data.writers import build_folder, write_folder_once
+from lvmmed_monai.io import build_folder, write_folder_once
 
 
 def test_write_folder_once_builds_once_per_stamp_and_leaves_nothing_when_interrupted(tmp_path):

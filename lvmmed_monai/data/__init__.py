@@ -1,14 +1,12 @@
-"""Data: generated phantoms and official-layout checkpoints for demos and tests; pretraining collections;
-3D volume data sets for the hybrid bundle; 2D + 3D labeled data for the segmentation bundle; labeled 2D images for
-the classification bundle; atomic image writers."""
+"""Data: pretraining collections; 3D volume data sets for the hybrid bundle; 2D + 3D labeled data for the
+segmentation bundle; labeled 2D images for the classification bundle; atomic image writers. The generated
+phantoms and official-layout checkpoints live in :mod:`lvmmed_monai.demo` (re-exported here)."""
 
 from lvmmed_monai.data.classification import (
     classification_inputs,
     image_classification_data,
     image_classification_datalist,
-    write_shape_phantoms,
 )
-from lvmmed_monai.data.phantoms import shape_phantoms, write_default_collection
 from lvmmed_monai.data.pretrain import LoadSliced, PretrainDataError, collect_files, modality_weights, prepare_slices
 from lvmmed_monai.data.sampling import GlobalBatchSampler, SeededViewsDataset
 from lvmmed_monai.data.segmentation import (
@@ -18,10 +16,7 @@ from lvmmed_monai.data.segmentation import (
     inference_datalist,
     labeled_data,
     labeled_datalist,
-    write_phantom_images,
 )
-from lvmmed_monai.data.synthetic import official_resnet50_state, official_vit_b_state, phantom_batch
-from lvmmed_monai.data.volume_phantoms import write_phantom_volumes
 from lvmmed_monai.data.volumes import (
     PadDepthCollate,
     VolumeDataError,
@@ -30,6 +25,14 @@ from lvmmed_monai.data.volumes import (
     volume_data,
 )
 from lvmmed_monai.data.writers import AtomicNibabelWriter, AtomicPILWriter
+from lvmmed_monai.demo.phantoms import shape_phantoms, write_default_collection, write_shape_phantoms
+from lvmmed_monai.demo.synthetic import (
+    official_resnet50_state,
+    official_vit_b_state,
+    phantom_batch,
+    write_phantom_images,
+)
+from lvmmed_monai.demo.volumes import write_phantom_volumes
 
 __all__ = [
     "official_resnet50_state", "official_vit_b_state", "phantom_batch",

@@ -7,7 +7,7 @@ classify, every file checked before a run starts.
   JPEG, BMP, TIFF, 2D NIfTI): an empty folder, a single class, a 3D file, an unreadable file raise
   :class:`~lvmmed_monai.data.volumes.VolumeDataError` naming the files and the fix.
 * :func:`classification_inputs`: the images to classify (a file, a folder searched recursively, a list).
-* :func:`write_shape_phantoms`: the built-in data, :func:`~lvmmed_monai.data.phantoms.shape_phantoms` written as
+* :func:`write_shape_phantoms`: the built-in data, :func:`~lvmmed_monai.demo.phantoms.shape_phantoms` written as
   ``<class>/shape_NNN.png`` (nothing downloaded).
 * :func:`save_class_names` / :func:`model_class_names`: the class names a training run used
   (``<output_dir>/classes.json``), for evaluation and inference with the same model.
@@ -20,9 +20,6 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-
-from lvmmed_monai.data.phantoms import SHAPE_CLASSES, shape_phantoms
 from lvmmed_monai.data.pretrain import PretrainDataError, collect_files
 from lvmmed_monai.data.volumes import (
     Data,
@@ -32,34 +29,13 @@ from lvmmed_monai.data.volumes import (
     classification_datalist,
     is_empty,
 )
-from lvmmed_monai.data.writers import write_folder_once
+from lvmmed_monai.demo.phantoms import SHAPE_CLASSES, write_shape_phantoms
 from lvmmed_monai.io import atomic_open, make_readable
 
-__all__ = ["SHAPE_CLASSES", "write_shape_phantoms", "image_classification_data", "image_classification_datalist",
+__all__ = ["image_classification_data", "image_classification_datalist",
            "classification_inputs", "save_class_names", "model_class_names"]
 
-_SHAPE_PHANTOM_VERSION = 1
 CLASSES_FILE = "classes.json"
-
-
-def write_shape_phantoms(root: str | os.PathLike, num_images: int = 96, size: int = 64, seed: int = 0) -> Path:
-    """Write ``num_images`` labeled 2D phantoms (one object of a class of :data:`SHAPE_CLASSES` on a textured
-    background, classes balanced) as ``root/<class>/shape_NNN.png`` (grey, 0-255), once; built in a temporary
-    sibling folder and renamed."""
-    if int(num_images) < 2 * len(SHAPE_CLASSES) or int(size) < 16:
-        raise ValueError(f"need num_images >= {2 * len(SHAPE_CLASSES)} (2 per class) and size >= 16, got "
-                         f"{num_images}, {size}")
-    from PIL import Image
-
-    def fill(tmp: Path) -> None:
-        images, labels = shape_phantoms(int(num_images), size=int(size), seed=seed)
-        for i, (image, label) in enumerate(zip(images, labels, strict=True)):
-            folder = tmp / SHAPE_CLASSES[int(label)]
-            folder.mkdir(exist_ok=True)
-            Image.fromarray((image[0] * 255).round().astype(np.uint8)).save(folder / f"shape_{i:03d}.png")
-
-    stamp = {"version": _SHAPE_PHANTOM_VERSION, "num_images": int(num_images), "size": int(size), "seed": seed}
-    return write_folder_once(root, stamp, fill)
 
 
 def image_classification_data(data: Data, default_dir: str | os.PathLike, val_data: Data = None,

@@ -15,10 +15,10 @@ import torch
 from monai.data import CacheDataset, Dataset
 from monai.transforms import Compose, NormalizeIntensityd, SelectItemsd
 
-from lvmmed_monai.data.phantoms import write_default_collection
 from lvmmed_monai.data.pretrain import LoadSliced, prepare_slices
 from lvmmed_monai.data.sampling import SeededViewsDataset
 from lvmmed_monai.data.views import LVMMedViewsd
+from lvmmed_monai.demo.phantoms import write_default_collection
 from lvmmed_monai.process_group import get_rank
 
 __all__ = ["pretrain_index", "pretrain_dataset"]

@@ -7,7 +7,7 @@
   :func:`inference_datalist`: images, volumes and DICOM series (a folder of ``.dcm`` files) to segment.
   Problems raise :class:`~lvmmed_monai.data.volumes.VolumeDataError` naming the files and the fix.
 * :func:`write_phantom_images`: the generated 2D labeled phantoms (PNG); the 3D ones come from
-  :func:`~lvmmed_monai.data.volume_phantoms.write_phantom_volumes`.
+  :func:`~lvmmed_monai.demo.volumes.write_phantom_volumes`.
 * Transforms: :class:`CheckedLoadImaged` (MONAI's ``LoadImaged`` naming the file it could not read),
   :class:`MatchChannelsd` (grey <-> RGB to the network's channels), :class:`RandSliceSamplesd` (random 2D
   slices of 3D items, MONAI's ``RandSpatialCropSamplesd`` + ``SqueezeDimd``; 2D items pass through).
@@ -33,8 +33,6 @@ from lvmmed_monai.data.pretrain import (
     file_kind,
     image_value_problem,
 )
-from lvmmed_monai.data.synthetic import phantom_batch
-from lvmmed_monai.data.volume_phantoms import SEGMENTATION_CLASSES, write_phantom_volumes
 from lvmmed_monai.data.volumes import (
     Data,
     VolumeDataError,
@@ -44,37 +42,15 @@ from lvmmed_monai.data.volumes import (
     segmentation_datalist,
     split_train_val,
 )
-from lvmmed_monai.data.writers import write_folder_once
+from lvmmed_monai.demo.synthetic import IMAGE_PHANTOM_CLASSES, write_phantom_images
+from lvmmed_monai.demo.volumes import SEGMENTATION_CLASSES, write_phantom_volumes
 
-__all__ = ["IMAGE_PHANTOM_CLASSES", "PHANTOM_CLASSES", "write_phantom_images", "phantom_data", "check_labels",
+__all__ = ["PHANTOM_CLASSES", "phantom_data", "check_labels",
            "labeled_datalist", "labeled_data", "inference_datalist", "input_stats", "CheckedLoadImaged",
            "MatchChannelsd", "RandSliceSamplesd"]
 
-IMAGE_PHANTOM_CLASSES = ("background", "organ", "lesion")
 PHANTOM_CLASSES = {"volumes": SEGMENTATION_CLASSES, "images": IMAGE_PHANTOM_CLASSES}
-_IMAGE_PHANTOM_VERSION = 1
 _OUTPUT_EXTENSIONS = (".nii.gz", ".nii", ".png")
-
-
-def write_phantom_images(root: str | os.PathLike, num_images: int = 16, size: int = 64, seed: int = 0) -> Path:
-    """Write ``num_images`` labeled 2D phantoms (:func:`~lvmmed_monai.data.synthetic.phantom_batch`: an organ
-    ellipse and a lesion disc, classes :data:`IMAGE_PHANTOM_CLASSES`) as ``root/images/phantom_NN.png`` (grey,
-    0-255) and ``root/labels/phantom_NN.png`` (class indices), once; built in a temporary sibling and renamed."""
-    if int(num_images) < 1 or int(size) < 8:
-        raise ValueError(f"need num_images >= 1 and size >= 8, got {num_images}, {size}")
-    from PIL import Image
-
-    def fill(tmp: Path) -> None:
-        images, labels = phantom_batch(int(num_images), size=int(size), num_classes=3, seed=seed)
-        (tmp / "images").mkdir()
-        (tmp / "labels").mkdir()
-        for i in range(int(num_images)):
-            Image.fromarray((images[i, 0].numpy() * 255).round().astype(np.uint8)).save(tmp / "images" /
-                                                                                        f"phantom_{i:02d}.png")
-            Image.fromarray(labels[i, 0].numpy().astype(np.uint8)).save(tmp / "labels" / f"phantom_{i:02d}.png")
-
-    stamp = {"version": _IMAGE_PHANTOM_VERSION, "num_images": int(num_images), "size": int(size), "seed": seed}
-    return write_folder_once(root, stamp, fill)
 
 
 def _read(path: str | os.PathLike) -> np.ndarray:

@@ -2,7 +2,7 @@
 that pads volumes of different depths (the ``lengths`` the hybrid networks take).
 
 A ``data`` argument is a folder, a single file, or a list (paths, or dicts with ``image`` and ``label``);
-``None`` means the bundle's generated phantoms (:mod:`lvmmed_monai.data.volume_phantoms`). Every problem the
+``None`` means the bundle's generated phantoms (:mod:`lvmmed_monai.demo.volumes`). Every problem the
 files can have that would otherwise surface deep inside a transform (a label whose shape differs from its
 image, an image without a label, an empty folder, an unknown class) raises :class:`VolumeDataError` first,
 naming the files and the fix.
@@ -21,7 +21,7 @@ from monai.data import list_data_collate
 from monai.utils import convert_to_tensor
 
 from lvmmed_monai.data.pretrain import IMAGE_EXTENSIONS, VOLUME_EXTENSIONS
-from lvmmed_monai.data.volume_phantoms import CLASSIFICATION_CLASSES, write_phantom_volumes
+from lvmmed_monai.demo.volumes import CLASSIFICATION_CLASSES, write_phantom_volumes
 
 __all__ = ["VolumeDataError", "VOLUME_EXTENSIONS", "find_volumes", "volume_shape", "check_2d_or_3d",
            "volume_datalist", "segmentation_datalist", "classification_datalist", "split_train_val", "volume_data",

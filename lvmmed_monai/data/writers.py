@@ -9,11 +9,8 @@ whole folder of generated data.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import tempfile
-from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +19,7 @@ from monai.data import NibabelWriter, PILWriter
 
 from lvmmed_monai.io import make_readable
 
-__all__ = ["AtomicWriteMixin", "AtomicNibabelWriter", "AtomicPILWriter", "atomic_writer", "build_folder",
-           "write_folder_once"]
+__all__ = ["AtomicWriteMixin", "AtomicNibabelWriter", "AtomicPILWriter", "atomic_writer"]
 
 
 class AtomicWriteMixin:
@@ -73,37 +69,3 @@ def atomic_writer(output_ext: str) -> type:
     if ext == ".png":
         return AtomicPILWriter
     raise ValueError(f"no atomic writer for {output_ext!r}; valid: ['.nii.gz', '.nii', '.png']")
-
-
-def build_folder(root: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
-    """Build the folder ``root`` with ``fill(tmp)`` in a temporary sibling, then rename it over ``root`` (an
-    existing one is replaced), so an interrupted build leaves nothing half-written."""
-    root = Path(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
-    try:
-        fill(tmp)
-        make_readable(tmp)
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return root
-
-
-def write_folder_once(root: str | os.PathLike, stamp: Mapping[str, Any], fill: Callable[[Path], None],
-                      stamp_name: str = "phantoms.json") -> Path:
-    """:func:`build_folder` with a ``stamp`` (JSON) stored as ``root/stamp_name``: a later call with the same
-    stamp returns ``root`` at once."""
-    root = Path(root)
-    stamp = json.loads(json.dumps(dict(stamp)))  # as read back (tuples -> lists)
-    if (root / stamp_name).is_file() and json.loads((root / stamp_name).read_text()) == stamp:
-        return root
-
-    def fill_and_stamp(tmp: Path) -> None:
-        fill(tmp)
-        (tmp / stamp_name).write_text(json.dumps(stamp))
-
-    return build_folder(root, fill_and_stamp)

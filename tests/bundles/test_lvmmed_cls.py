@@ -26,14 +26,13 @@ from PIL import Image
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
 
 from lvmmed_monai.data.classification import (
-    SHAPE_CLASSES,
     classification_inputs,
     image_classification_data,
     model_class_names,
-    write_shape_phantoms,
 )
 from lvmmed_monai.data.segmentation import CheckedLoadImaged, input_stats
 from lvmmed_monai.data.volumes import VolumeDataError
+from lvmmed_monai.demo import SHAPE_CLASSES, write_shape_phantoms
 from lvmmed_monai.engines import BalancedAccuracyMetric
 from lvmmed_monai.networks import classification_net_2d
 
@@ -121,7 +120,7 @@ def _image_set(root: Path) -> list[dict]:
 
 
 def _phantoms(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    from lvmmed_monai.data.phantoms import shape_phantoms
+    from lvmmed_monai.demo.phantoms import shape_phantoms
 
     images, labels = shape_phantoms(n, size, seed)
     return images[:, 0], labels

@@ -22,17 +22,15 @@ from bundle_helpers import scalars as _scalars
 from PIL import Image
 
 from lvmmed_monai.data.detection import (
-    DETECTION_CLASSES,
     detection_data,
     detection_datalist,
     detection_inputs,
-    detection_phantoms,
     model_categories,
     read_coco,
-    write_detection_phantoms,
 )
 from lvmmed_monai.data.segmentation import CheckedLoadImaged
 from lvmmed_monai.data.volumes import VolumeDataError
+from lvmmed_monai.demo import DETECTION_CLASSES, detection_phantoms, write_detection_phantoms
 from lvmmed_monai.engines import DetectionAP, DetectionPrepareBatch, average_precision, per_class_ap
 from lvmmed_monai.networks import lvmmed_faster_rcnn
 

@@ -19,7 +19,7 @@ from bundle_helpers import scalars as _scalars
 from PIL import Image
 
 from lvmmed_monai import load_encoder
-from lvmmed_monai.data.phantoms import _chest_xray, torso_ct
+from lvmmed_monai.demo.phantoms import _chest_xray, torso_ct
 
 REPO = Path(__file__).resolve().parents[2]
 BUNDLE = REPO / "bundles" / "lvmmed_pretrain"

@@ -28,7 +28,6 @@ from monai.metrics import compute_dice, compute_iou
 from monai.transforms import LoadImage, ScaleIntensityRangePercentiles
 from PIL import Image
 
-from lvmmed_monai.data.phantoms import _write_dicom_series, torso_ct
 from lvmmed_monai.data.segmentation import (
     MatchChannelsd,
     RandSliceSamplesd,
@@ -36,11 +35,12 @@ from lvmmed_monai.data.segmentation import (
     inference_datalist,
     input_stats,
     labeled_data,
-    write_phantom_images,
 )
-from lvmmed_monai.data.volume_phantoms import torso_labels, write_phantom_volumes
 from lvmmed_monai.data.volumes import VolumeDataError
 from lvmmed_monai.data.writers import AtomicPILWriter
+from lvmmed_monai.demo import write_phantom_images
+from lvmmed_monai.demo.phantoms import _write_dicom_series, torso_ct
+from lvmmed_monai.demo.volumes import torso_labels, write_phantom_volumes
 from lvmmed_monai.inference import SliceOrImageInferer
 from lvmmed_monai.networks import segmentation_net_2d
 

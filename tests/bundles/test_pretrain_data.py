@@ -16,7 +16,6 @@ import pytest
 import torch
 from PIL import Image
 
-from lvmmed_monai.data.phantoms import _write_dicom_series, shape_phantoms, write_default_collection
 from lvmmed_monai.data.pipeline import pretrain_dataset
 from lvmmed_monai.data.pretrain import (
     LoadSliced,
@@ -26,6 +25,7 @@ from lvmmed_monai.data.pretrain import (
     prepare_slices,
 )
 from lvmmed_monai.data.sampling import GlobalBatchSampler, SeededViewsDataset
+from lvmmed_monai.demo.phantoms import _write_dicom_series, shape_phantoms, write_default_collection
 from lvmmed_monai.engines import as_bool, halving_milestones, latest_checkpoint
 
 

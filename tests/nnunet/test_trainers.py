@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lvmmed_monai.data import official_resnet50_state
-from lvmmed_monai.data.synthetic import write_nnunet_raw_dataset
+from lvmmed_monai.demo.synthetic import write_nnunet_raw_dataset
 
 TRAINERS = [
     "LVMMedTrainer", "LVMMedTrainer_scratch", "LVMMedTrainer_frozenEncoder", "LVMMedTrainer_warmupUnfreeze",

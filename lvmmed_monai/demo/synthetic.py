@@ -1,4 +1,5 @@
-"""Generated stand-ins for real data and weights: checkpoints in the official layouts, phantom images.
+"""Generated stand-ins for real data and weights: checkpoints in the official layouts, phantom images and the
+``lvmmed_seg`` bundle's built-in 2D collection.
 
 Nothing is downloaded: tests and the demo use these. The checkpoints have random weights but exactly the
 key layout (names, shapes) of the released LVM-Med files, so every loading path is exercised for real.
@@ -10,12 +11,15 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 import torchvision
 
+from lvmmed_monai.io import write_folder_once
 from lvmmed_monai.weights import timm_to_sam
 
-__all__ = ["official_resnet50_state", "official_vit_b_state", "phantom_batch", "write_nnunet_raw_dataset"]
+__all__ = ["official_resnet50_state", "official_vit_b_state", "phantom_batch", "write_nnunet_raw_dataset",
+           "IMAGE_PHANTOM_CLASSES", "write_phantom_images"]
 
 
 def official_resnet50_state(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -106,3 +110,28 @@ def write_nnunet_raw_dataset(
     }
     (folder / "dataset.json").write_text(json.dumps(meta, indent=2))
     return folder
+
+
+IMAGE_PHANTOM_CLASSES = ("background", "organ", "lesion")
+_IMAGE_PHANTOM_VERSION = 1
+
+
+def write_phantom_images(root: str | os.PathLike, num_images: int = 16, size: int = 64, seed: int = 0) -> Path:
+    """Write ``num_images`` labeled 2D phantoms (:func:`~lvmmed_monai.demo.synthetic.phantom_batch`: an organ
+    ellipse and a lesion disc, classes :data:`IMAGE_PHANTOM_CLASSES`) as ``root/images/phantom_NN.png`` (grey,
+    0-255) and ``root/labels/phantom_NN.png`` (class indices), once; built in a temporary sibling and renamed."""
+    if int(num_images) < 1 or int(size) < 8:
+        raise ValueError(f"need num_images >= 1 and size >= 8, got {num_images}, {size}")
+    from PIL import Image
+
+    def fill(tmp: Path) -> None:
+        images, labels = phantom_batch(int(num_images), size=int(size), num_classes=3, seed=seed)
+        (tmp / "images").mkdir()
+        (tmp / "labels").mkdir()
+        for i in range(int(num_images)):
+            Image.fromarray((images[i, 0].numpy() * 255).round().astype(np.uint8)).save(tmp / "images" /
+                                                                                        f"phantom_{i:02d}.png")
+            Image.fromarray(labels[i, 0].numpy().astype(np.uint8)).save(tmp / "labels" / f"phantom_{i:02d}.png")
+
+    stamp = {"version": _IMAGE_PHANTOM_VERSION, "num_images": int(num_images), "size": int(size), "seed": seed}
+    return write_folder_once(root, stamp, fill)

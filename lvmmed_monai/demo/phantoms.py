@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lvmmed_monai.data.writers import write_folder_once
+from lvmmed_monai.io import write_folder_once
 
-__all__ = ["write_default_collection", "shape_phantoms", "SHAPE_CLASSES", "torso_ct"]
+__all__ = ["write_default_collection", "shape_phantoms", "SHAPE_CLASSES", "torso_ct", "write_shape_phantoms"]
 
 SHAPE_CLASSES = ("ellipse", "rectangle", "triangle", "cross")
 _COLLECTION_VERSION = 2
@@ -232,3 +232,25 @@ def shape_phantoms(n: int, size: int = 64, seed: int = 0) -> tuple[np.ndarray, n
         img = background + rng.uniform(0.25, 0.5) * mask * rng.choice([-1, 1])
         images[i, 0] = np.clip(img + rng.normal(0, 0.05, img.shape), 0, 1)
     return images, labels.astype(np.int64)
+
+_SHAPE_PHANTOM_VERSION = 1
+
+
+def write_shape_phantoms(root: str | os.PathLike, num_images: int = 96, size: int = 64, seed: int = 0) -> Path:
+    """Write ``num_images`` labeled 2D phantoms (one object of a class of :data:`SHAPE_CLASSES` on a textured
+    background, classes balanced) as ``root/<class>/shape_NNN.png`` (grey, 0-255), once; built in a temporary
+    sibling folder and renamed."""
+    if int(num_images) < 2 * len(SHAPE_CLASSES) or int(size) < 16:
+        raise ValueError(f"need num_images >= {2 * len(SHAPE_CLASSES)} (2 per class) and size >= 16, got "
+                         f"{num_images}, {size}")
+    from PIL import Image
+
+    def fill(tmp: Path) -> None:
+        images, labels = shape_phantoms(int(num_images), size=int(size), seed=seed)
+        for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+            folder = tmp / SHAPE_CLASSES[int(label)]
+            folder.mkdir(exist_ok=True)
+            Image.fromarray((image[0] * 255).round().astype(np.uint8)).save(folder / f"shape_{i:03d}.png")
+
+    stamp = {"version": _SHAPE_PHANTOM_VERSION, "num_images": int(num_images), "size": int(size), "seed": seed}
+    return write_folder_once(root, stamp, fill)

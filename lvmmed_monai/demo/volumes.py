@@ -1,6 +1,6 @@
 """Generated CT-like volumes for the 3D bundles: unlabeled, with segmentation labels, or with a volume class.
 
-Nothing is downloaded (DESIGN.md). The volumes are the torso phantoms of :mod:`lvmmed_monai.data.phantoms`
+Nothing is downloaded (DESIGN.md). The volumes are the torso phantoms of :mod:`lvmmed_monai.demo.phantoms`
 (Hounsfield units, shapes drifting along z) written as NIfTI, so that the whole file pipeline of a bundle
 (reader, affine, writer) runs on them:
 
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lvmmed_monai.data.phantoms import torso_ct
-from lvmmed_monai.data.writers import write_folder_once
+from lvmmed_monai.demo.phantoms import torso_ct
+from lvmmed_monai.io import write_folder_once
 
 __all__ = ["PHANTOM_TASKS", "SEGMENTATION_CLASSES", "CLASSIFICATION_CLASSES", "torso_labels", "add_nodule",
            "write_phantom_volumes"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from monai.data import CacheDataset, Dataset
@@ -32,19 +33,16 @@ def _barrier() -> None:
 def pretrain_index(
     data: str | os.PathLike | Sequence[str | os.PathLike | Mapping] | None,
     output_dir: str | os.PathLike,
-    axis: int = 2,
-    percentiles: tuple[float, float] = (0.5, 99.5),
-    min_slice_range: float = 0.05,
-    on_error: str = "skip",
-    max_size: int | None = 512,
     cache_dir: str | os.PathLike | None = None,
     seed: int = 0,
+    **slicing: Any,
 ) -> list[dict]:
-    """Slice index of ``data`` (see :func:`~lvmmed_monai.data.pretrain.prepare_slices`).
+    """Slice index of ``data``: :func:`~lvmmed_monai.data.pretrain.prepare_slices` with its options ``slicing``
+    (``axis``, ``percentiles``, ``min_slice_range``, ``on_error``, ``max_size``; their defaults there).
 
     ``data`` None or ``""`` uses the built-in generated collection, written once to
-    ``output_dir/default_data``. Slices are cached in ``cache_dir`` (default ``output_dir/slice_cache``).
-    In a process group, rank 0 prepares first and the others then read its cache.
+    ``output_dir/default_data`` (``seed``). Slices are cached in ``cache_dir`` (default
+    ``output_dir/slice_cache``). In a process group, rank 0 prepares first and the others then read its cache.
     """
     out = Path(output_dir)
     rank = get_rank()
@@ -52,8 +50,7 @@ def pretrain_index(
         _barrier()
     if data is None or (isinstance(data, str) and not data.strip()):
         data = write_default_collection(out / "default_data", seed=seed)
-    index = prepare_slices(data, cache_dir or out / "slice_cache", axis=axis, percentiles=percentiles,
-                           min_slice_range=min_slice_range, on_error=on_error, max_size=max_size)
+    index = prepare_slices(data, cache_dir or out / "slice_cache", **slicing)
     if rank == 0:
         _barrier()
     return index

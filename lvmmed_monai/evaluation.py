@@ -76,7 +76,7 @@ def linear_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: 
 def load_labeled_folder(root: str | os.PathLike, size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """2D images under ``root/<class name>/`` -> ``(N, 1, size, size)`` in ``[0, 1]`` (per-image percentile
     normalisation, as pretraining), labels ``(N,)`` and the sorted class names."""
-    from lvmmed_monai.data.pretrain import IMAGE_EXTENSIONS, PretrainDataError, load_normalized
+    from lvmmed_monai.data.loading import IMAGE_EXTENSIONS, PretrainDataError, load_normalized
 
     classes = sorted(p.name for p in Path(root).iterdir() if p.is_dir()) if Path(root).is_dir() else []
     images, labels = [], []

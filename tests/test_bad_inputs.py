@@ -7,7 +7,7 @@ Decision (documented in bundles/lvmmed_seg/docs/README.md): the supervised bundl
 *refuse* a NaN/Inf or constant image when it is loaded (``VolumeDataError``), in training, evaluation and
 inference alike; predictions already written for earlier inputs are complete, nothing is written for the bad
 one. Only pretraining, which already skips unusable files of a collection (``on_bad_data: skip``), skips them
-with a warning. Both go through one check, :func:`lvmmed_monai.data.pretrain.image_value_problem`.
+with a warning. Both go through one check, :func:`lvmmed_monai.data.loading.image_value_problem`.
 """
 
 from __future__ import annotations
@@ -25,9 +25,8 @@ import pytest
 import torch
 
 from lvmmed_monai import weights as W
-from lvmmed_monai.data.pretrain import PretrainDataError, image_value_problem, prepare_slices
-from lvmmed_monai.data.segmentation import CheckedLoadImaged
-from lvmmed_monai.data.volumes import VolumeDataError
+from lvmmed_monai.data.loading import CheckedLoadImaged, PretrainDataError, VolumeDataError, image_value_problem
+from lvmmed_monai.data.pretrain import prepare_slices
 from lvmmed_monai.data.writers import AtomicNibabelWriter
 from lvmmed_monai.encoders import load_encoder
 

@@ -7,11 +7,17 @@ from lvmmed_monai.data.classification import (
     image_classification_data,
     image_classification_datalist,
 )
-from lvmmed_monai.data.pretrain import LoadSliced, PretrainDataError, collect_files, modality_weights, prepare_slices
+from lvmmed_monai.data.loading import (
+    CheckedLoadImaged,
+    DataError,
+    MatchChannelsd,
+    PretrainDataError,
+    VolumeDataError,
+    collect_files,
+)
+from lvmmed_monai.data.pretrain import LoadSliced, modality_weights, prepare_slices
 from lvmmed_monai.data.sampling import GlobalBatchSampler, SeededViewsDataset
 from lvmmed_monai.data.segmentation import (
-    CheckedLoadImaged,
-    MatchChannelsd,
     RandSliceSamplesd,
     inference_datalist,
     labeled_data,
@@ -19,7 +25,6 @@ from lvmmed_monai.data.segmentation import (
 )
 from lvmmed_monai.data.volumes import (
     PadDepthCollate,
-    VolumeDataError,
     classification_data,
     segmentation_data,
     volume_data,
@@ -37,7 +42,7 @@ from lvmmed_monai.demo.volumes import write_phantom_volumes
 __all__ = [
     "official_resnet50_state", "official_vit_b_state", "phantom_batch",
     "write_default_collection", "shape_phantoms",
-    "collect_files", "prepare_slices", "modality_weights", "LoadSliced", "PretrainDataError",
+    "DataError", "collect_files", "prepare_slices", "modality_weights", "LoadSliced", "PretrainDataError",
     "GlobalBatchSampler", "SeededViewsDataset",
     "write_phantom_volumes", "volume_data", "segmentation_data", "classification_data", "PadDepthCollate",
     "VolumeDataError", "AtomicNibabelWriter", "AtomicPILWriter",

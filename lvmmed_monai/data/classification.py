@@ -5,7 +5,7 @@ classify, every file checked before a run starts.
   :func:`image_classification_datalist` (evaluation, against the model's classes) wrap
   :func:`~lvmmed_monai.data.volumes.classification_data` / ``classification_datalist`` with 2D images (PNG,
   JPEG, BMP, TIFF, 2D NIfTI): an empty folder, a single class, a 3D file, an unreadable file raise
-  :class:`~lvmmed_monai.data.volumes.VolumeDataError` naming the files and the fix.
+  :class:`~lvmmed_monai.data.loading.VolumeDataError` naming the files and the fix.
 * :func:`classification_inputs`: the images to classify (a file, a folder searched recursively, a list).
 * :func:`write_shape_phantoms`: the built-in data, :func:`~lvmmed_monai.demo.phantoms.shape_phantoms` written as
   ``<class>/shape_NNN.png`` (nothing downloaded).
@@ -20,10 +20,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from lvmmed_monai.data.pretrain import PretrainDataError, collect_files
+from lvmmed_monai.data.loading import PretrainDataError, VolumeDataError, collect_files
 from lvmmed_monai.data.volumes import (
     Data,
-    VolumeDataError,
     check_2d,
     classification_data,
     classification_datalist,

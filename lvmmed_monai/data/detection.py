@@ -7,7 +7,7 @@ run starts.
   ``boxes`` ``(K, 4)`` float32 ``[x1, y1, x2, y2]`` and ``labels`` ``(K,)`` int64 in ``1..C`` (the categories
   sorted by id; 0 is torchvision's background). A missing or unreadable image, an image whose size differs
   from the JSON's, a box of zero area or reaching outside its image, an unknown category or image id, an empty
-  list raise :class:`~lvmmed_monai.data.volumes.VolumeDataError` naming the problem and the fix.
+  list raise :class:`~lvmmed_monai.data.loading.VolumeDataError` naming the problem and the fix.
 * :func:`detection_data` (training: ``{"train", "val", "categories"}``), :func:`detection_datalist`
   (evaluation, against the model's categories) and :func:`detection_inputs` (images to detect on).
 * :func:`write_detection_phantoms`: the built-in data (nothing downloaded), bright nodules and rimmed cysts on
@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from lvmmed_monai.data.pretrain import IMAGE_EXTENSIONS, PretrainDataError, collect_files
-from lvmmed_monai.data.volumes import VolumeDataError, check_2d, is_empty, split_train_val
+from lvmmed_monai.data.loading import IMAGE_EXTENSIONS, PretrainDataError, VolumeDataError, collect_files
+from lvmmed_monai.data.volumes import check_2d, is_empty, split_train_val
 from lvmmed_monai.demo.detection import ANNOTATION_FILE, write_detection_phantoms
 from lvmmed_monai.io import atomic_open, make_readable
 

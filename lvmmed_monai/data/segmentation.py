@@ -5,7 +5,7 @@
   run starts: a label whose shape differs from its image's (from the headers), an unreadable file, an empty
   folder, and label values that are not classes ``0..num_classes-1`` (every label is read once);
   :func:`inference_datalist`: images, volumes and DICOM series (a folder of ``.dcm`` files) to segment.
-  Problems raise :class:`~lvmmed_monai.data.volumes.VolumeDataError` naming the files and the fix.
+  Problems raise :class:`~lvmmed_monai.data.loading.VolumeDataError` naming the files and the fix.
 * :func:`write_phantom_images`: the generated 2D labeled phantoms (PNG); the 3D ones come from
   :func:`~lvmmed_monai.demo.volumes.write_phantom_volumes`.
 * Transforms: :class:`CheckedLoadImaged` (MONAI's ``LoadImaged`` naming the file it could not read),
@@ -21,23 +21,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from monai.config import KeysCollection
-from monai.transforms import LoadImage, LoadImaged, MapTransform, Randomizable, RandSpatialCropSamplesd, SqueezeDimd
-from monai.utils import ensure_tuple
+from monai.transforms import LoadImage, MapTransform, Randomizable, RandSpatialCropSamplesd, SqueezeDimd
 
-from lvmmed_monai.data.pretrain import (
+from lvmmed_monai.data.loading import (
     IMAGE_EXTENSIONS,
     PretrainDataError,
+    VolumeDataError,
     collect_files,
     file_kind,
-    image_value_problem,
 )
 from lvmmed_monai.data.volumes import (
     Data,
-    VolumeDataError,
-    _stem,
     check_2d_or_3d,
+    file_stem,
     is_empty,
     segmentation_datalist,
     split_train_val,
@@ -46,8 +43,7 @@ from lvmmed_monai.demo.synthetic import IMAGE_PHANTOM_CLASSES, write_phantom_ima
 from lvmmed_monai.demo.volumes import SEGMENTATION_CLASSES, write_phantom_volumes
 
 __all__ = ["PHANTOM_CLASSES", "phantom_data", "check_labels",
-           "labeled_datalist", "labeled_data", "inference_datalist", "input_stats", "CheckedLoadImaged",
-           "MatchChannelsd", "RandSliceSamplesd"]
+           "labeled_datalist", "labeled_data", "inference_datalist", "input_stats", "RandSliceSamplesd"]
 
 PHANTOM_CLASSES = {"volumes": SEGMENTATION_CLASSES, "images": IMAGE_PHANTOM_CLASSES}
 _OUTPUT_EXTENSIONS = (".nii.gz", ".nii", ".png")
@@ -161,7 +157,7 @@ def inference_datalist(data: Data, default_dir: str | os.PathLike, output_ext: s
                               " are volumes; use --output_ext .nii.gz")
     names: dict[str, str] = {}
     for path in dims:
-        name = _stem(Path(path))
+        name = file_stem(Path(path))
         if name in names:
             raise VolumeDataError(f"{names[name]} and {path} would both be written as {name}_*{output_ext}; "
                                   "segment them in separate runs (or rename one)")
@@ -178,58 +174,6 @@ def input_stats(encoder_name: str, in_channels: int) -> tuple[list[float], list[
     if int(in_channels) == 3:
         return list(mean), list(std)
     return [sum(mean) / 3] * int(in_channels), [sum(std) / 3] * int(in_channels)
-
-
-class CheckedLoadImaged(LoadImaged):
-    """MONAI's ``LoadImaged``; a file that cannot be read (truncated, corrupt) raises :class:`VolumeDataError`
-    naming it instead of the reader's bare error, and so does an image of ``check_values`` keys (default
-    ``image``; not labels, where all-background is valid) that holds NaN/Inf values or is constant
-    (:func:`~lvmmed_monai.data.pretrain.image_value_problem`): a network would output garbage for it silently."""
-
-    def __init__(self, keys: KeysCollection, *args: Any, check_values: KeysCollection | None = "image",
-                 **kwargs: Any) -> None:
-        super().__init__(keys, *args, **kwargs)
-        self.check_values = ensure_tuple(check_values) if check_values is not None else ()
-
-    def __call__(self, data: Mapping[Hashable, Any], reader: Any = None) -> dict[Hashable, Any]:
-        try:
-            out = super().__call__(data, reader)
-        except VolumeDataError:
-            raise
-        except Exception as err:
-            files = [str(data[k]) for k in self.key_iterator(dict(data))]
-            raise VolumeDataError(f"{', '.join(files)}: unreadable ({type(err).__name__}: {str(err)[:200]}); remove "
-                                  "or re-export the file") from err
-        for key in self.check_values:
-            problem = image_value_problem(out[key]) if key in out else None
-            if problem is not None:
-                raise VolumeDataError(f"{data[key]}: {problem}; a network would predict from nothing. Remove it from "
-                                      "the data, or repair its values (NaN/Inf voxels: numpy.nan_to_num)")
-        return out
-
-
-class MatchChannelsd(MapTransform):
-    """Give channel-first images ``channels`` channels: RGB(A) -> grey (mean of R, G, B) for 1, grey -> repeated
-    for more; anything else raises (``(C, ...)`` in, ``(channels, ...)`` out)."""
-
-    def __init__(self, keys: KeysCollection, channels: int = 1, allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.channels = int(channels)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            x, c = d[key], d[key].shape[0]
-            if c == self.channels:
-                continue
-            if self.channels == 1 and c in (3, 4):
-                d[key] = x[:3].mean(0, keepdim=True) if isinstance(x, torch.Tensor) else x[:3].mean(0, keepdims=True)
-            elif c == 1:
-                d[key] = x.repeat(self.channels, *[1] * (x.ndim - 1)) if isinstance(x, torch.Tensor) else \
-                    np.repeat(x, self.channels, 0)
-            else:
-                raise ValueError(f"{key} has {c} channels; the network takes {self.channels} (set --in_channels)")
-        return d
 
 
 class RandSliceSamplesd(Randomizable, MapTransform):

@@ -20,7 +20,7 @@ import torch
 from monai.data import list_data_collate
 from monai.utils import convert_to_tensor
 
-from lvmmed_monai.data.pretrain import IMAGE_EXTENSIONS, VOLUME_EXTENSIONS
+from lvmmed_monai.data.loading import IMAGE_EXTENSIONS, VOLUME_EXTENSIONS, VolumeDataError
 from lvmmed_monai.demo.volumes import CLASSIFICATION_CLASSES, write_phantom_volumes
 
 __all__ = ["VolumeDataError", "VOLUME_EXTENSIONS", "find_volumes", "volume_shape", "check_2d_or_3d",
@@ -32,15 +32,13 @@ Data = str | os.PathLike | Sequence[str | os.PathLike | Mapping[str, Any]] | Non
 _IMAGE_DIRS, _LABEL_DIRS = ("images", "imagesTr"), ("labels", "labelsTr")
 
 
-class VolumeDataError(ValueError):
-    """A 3D data set that cannot be used; the message names the files and the fix."""
 
 
 def _is_volume(path: Path, extensions: tuple[str, ...] = VOLUME_EXTENSIONS) -> bool:
     return path.name.lower().endswith(extensions)
 
 
-def _stem(path: Path) -> str:
+def file_stem(path: Path) -> str:
     """File name without the volume (or 2D image) extension."""
     name = path.name
     for ext in sorted(VOLUME_EXTENSIONS + IMAGE_EXTENSIONS, key=len, reverse=True):
@@ -139,11 +137,11 @@ def _pairs_from_folder(root: Path, extensions: tuple[str, ...] = VOLUME_EXTENSIO
     if image_dir is None or label_dir is None:
         raise VolumeDataError(f"{root} needs an images/ and a labels/ sub-folder (or nnU-Net's imagesTr/ and "
                               "labelsTr/) with files of the same names, or pass a list of {image, label} dicts")
-    images, labels = find_volumes(image_dir, extensions), {_stem(p): p for p in find_volumes(label_dir, extensions)}
+    images, labels = find_volumes(image_dir, extensions), {file_stem(p): p for p in find_volumes(label_dir, extensions)}
     if not images:
         kind = "volume" if extensions == VOLUME_EXTENSIONS else "image"
         raise VolumeDataError(f"no {kind} files in {image_dir}; supported: {list(extensions)}")
-    pairs = {p: labels.get(_stem(p), labels.get(_without_channel(_stem(p)))) for p in images}
+    pairs = {p: labels.get(file_stem(p), labels.get(_without_channel(file_stem(p)))) for p in images}
     missing = [p.name for p, label in pairs.items() if label is None]
     if missing:
         raise VolumeDataError(f"{len(missing)} image(s) in {image_dir} have no label of the same name in "

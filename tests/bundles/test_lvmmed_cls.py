@@ -30,8 +30,8 @@ from lvmmed_monai.data.classification import (
     image_classification_data,
     model_class_names,
 )
-from lvmmed_monai.data.segmentation import CheckedLoadImaged, input_stats
-from lvmmed_monai.data.volumes import VolumeDataError
+from lvmmed_monai.data.loading import CheckedLoadImaged, VolumeDataError
+from lvmmed_monai.data.segmentation import input_stats
 from lvmmed_monai.demo import SHAPE_CLASSES, write_shape_phantoms
 from lvmmed_monai.engines import BalancedAccuracyMetric
 from lvmmed_monai.networks import classification_net_2d

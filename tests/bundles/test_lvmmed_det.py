@@ -28,8 +28,7 @@ from lvmmed_monai.data.detection import (
     model_categories,
     read_coco,
 )
-from lvmmed_monai.data.segmentation import CheckedLoadImaged
-from lvmmed_monai.data.volumes import VolumeDataError
+from lvmmed_monai.data.loading import CheckedLoadImaged, VolumeDataError
 from lvmmed_monai.demo import DETECTION_CLASSES, detection_phantoms, write_detection_phantoms
 from lvmmed_monai.engines import DetectionAP, DetectionPrepareBatch, average_precision, per_class_ap
 from lvmmed_monai.networks import lvmmed_faster_rcnn

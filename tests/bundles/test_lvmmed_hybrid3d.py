@@ -18,7 +18,8 @@ from bundle_helpers import save_nifti as _save
 from bundle_helpers import scalars as _scalars
 
 from lvmmed_monai import load_encoder
-from lvmmed_monai.data.volumes import PadDepthCollate, VolumeDataError, classification_data, segmentation_data
+from lvmmed_monai.data.loading import VolumeDataError
+from lvmmed_monai.data.volumes import PadDepthCollate, classification_data, segmentation_data
 from lvmmed_monai.data.writers import AtomicNibabelWriter
 from lvmmed_monai.demo.phantoms import torso_ct
 from lvmmed_monai.demo.volumes import add_nodule

@@ -28,15 +28,14 @@ from monai.metrics import compute_dice, compute_iou
 from monai.transforms import LoadImage, ScaleIntensityRangePercentiles
 from PIL import Image
 
+from lvmmed_monai.data.loading import MatchChannelsd, VolumeDataError
 from lvmmed_monai.data.segmentation import (
-    MatchChannelsd,
     RandSliceSamplesd,
     check_labels,
     inference_datalist,
     input_stats,
     labeled_data,
 )
-from lvmmed_monai.data.volumes import VolumeDataError
 from lvmmed_monai.data.writers import AtomicPILWriter
 from lvmmed_monai.demo import write_phantom_images
 from lvmmed_monai.demo.phantoms import _write_dicom_series, torso_ct

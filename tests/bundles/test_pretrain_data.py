@@ -16,14 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
+from lvmmed_monai.data.loading import PretrainDataError, collect_files
 from lvmmed_monai.data.pipeline import pretrain_dataset
-from lvmmed_monai.data.pretrain import (
-    LoadSliced,
-    PretrainDataError,
-    collect_files,
-    modality_weights,
-    prepare_slices,
-)
+from lvmmed_monai.data.pretrain import LoadSliced, modality_weights, prepare_slices
 from lvmmed_monai.data.sampling import GlobalBatchSampler, SeededViewsDataset
 from lvmmed_monai.demo.phantoms import _write_dicom_series, shape_phantoms, write_default_collection
 from lvmmed_monai.engines import as_bool, halving_milestones, latest_checkpoint

@@ -114,6 +114,7 @@ def test_summary_of_a_resumed_run_continues_the_earlier_curves(tmp_path, caplog)
     resumed = _trainer(later, 4)
     resumed.load_state_dict({"epoch": 2, "epoch_length": 3, "max_epochs": 4})  # as from a checkpoint
     TrainingSummary(tmp_path, figure=False).attach(resumed)
+    caplog.clear()  # the first run's lines, where another test left the root logger at INFO
     with caplog.at_level(logging.INFO):
         resumed.run([0, 1, 2])
     report = json.loads((tmp_path / "report.json").read_text())

@@ -156,7 +156,7 @@ class LVMMedPretrainModel(nn.Module):
         cost; None otherwise: the last stage serves both)."""
         if self.local_index is None:
             return self.encoder.feature_map(x), None
-        levels = self.encoder(x)
+        levels = self.encoder.level_maps(x)
         return levels[-1], levels[self.local_index]
 
 

@@ -188,7 +188,8 @@ class TrainingSummary:
     def _completed(self, engine: Engine) -> None:
         elapsed = time.perf_counter() - self._run_start
         report = self._write_json(engine, finished=True)
-        figure = self._write_figure() if self.figure and self.history else None
+        if self.figure and self.history:
+            self._write_figure()
         lines = [f"done: {engine.state.epoch} epochs, {engine.state.iteration} iterations in "
                  f"{format_duration(elapsed)} (this run: {self._epochs_run} epochs)"]
         best = report.get("best")
@@ -198,7 +199,7 @@ class TrainingSummary:
             last = {k: v for k, v in self.history[-1].items() if k in self._shown(self.history[-1])}
             if last:
                 lines.append("last epoch: " + ", ".join(f"{k} {v:.4f}" for k, v in last.items()))
-        lines.append(f"outputs in {self.output_dir}: " + ", ".join(self._outputs(figure)))
+        lines.append(f"outputs in {self.output_dir}: " + ", ".join(self._outputs()))
         for line in lines:
             logger.info(line)
 
@@ -283,7 +284,7 @@ class TrainingSummary:
         plt.close(fig)
         return path
 
-    def _outputs(self, figure: Path | None) -> list[str]:
+    def _outputs(self) -> list[str]:
         """The output folder's top-level entries (folders with a ``/``; TensorBoard's named), models/ listed."""
         names = []
         for entry in sorted(self.output_dir.iterdir()):

@@ -180,7 +180,7 @@ class OnlineProbe:
     Args:
         encoder: the encoder being trained (not a DDP wrapper), with ``feature_map``.
         image_size: hold-out image size (the pretraining view size).
-        encoder_name: picks the input normalisation (:func:`~lvmmed_monai.engines.pretrain.input_normalization`).
+        encoder_name: picks the input normalisation (:func:`~lvmmed_monai.encoders.input_normalization`).
         interval: epochs between probes (0: disabled).
         data: None for generated shape phantoms (``num_train`` + ``num_test``, 4 classes), or a folder with one
             sub-folder of 2D images per class (split 50/50 by a permutation seeded with ``seed``).

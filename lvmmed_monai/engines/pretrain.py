@@ -23,15 +23,13 @@ from monai.networks.nets import ResNetFeatures
 from torch import nn
 from torch.optim import Optimizer
 
-from lvmmed_monai.config_values import as_bool, as_int, missing_setting
 from lvmmed_monai.data.sampling import GlobalBatchSampler, derive_seed
-from lvmmed_monai.encoders import build_encoder, input_normalization
 from lvmmed_monai.engines.step import amp_step
 from lvmmed_monai.process_group import get_rank, get_world_size, is_distributed
 from lvmmed_monai.ssl.loss import LVMMedLoss, LVMMedLossOutput
 
-__all__ = ["as_bool", "as_int", "missing_setting", "LVMMedPretrainModel", "LVMMedPretrainTrainer", "RNGState",
-           "build_encoder", "input_normalization", "halving_milestones", "view_inputs", "STAT_KEYS", "VIEW_KEYS"]
+__all__ = ["LVMMedPretrainModel", "LVMMedPretrainTrainer", "RNGState", "halving_milestones", "view_inputs", "STAT_KEYS",
+           "VIEW_KEYS"]
 
 STAT_KEYS = ("accuracy", "identity_rate", "objective", "identity_objective", "hamming", "retrieval_accuracy")
 VIEW_KEYS = ("image_s", "image_t", "coords_s", "coords_t")

@@ -87,6 +87,16 @@ class SliceEncoderBase(nn.Module):
             self.f_intra.eval()
         return self
 
+    def set_trainable_parts(self, intra: bool, inter: bool) -> None:
+        """Train f_intra and / or f_inter only, everything else frozen (the joint 2D-3D SSL stages, set by
+        :func:`~lvmmed_monai.ssl.joint3d.set_training_stage`); a frozen f_intra keeps its BatchNorm statistics
+        too (eval mode through ``train()``)."""
+        self.requires_grad_(False)
+        self.f_intra.requires_grad_(intra)
+        self.inter.requires_grad_(inter)
+        self.frozen_intra = not intra
+        self.train(self.training)
+
     @staticmethod
     def _spec(encoder: str) -> dict:
         return hybrid_spec(encoder)

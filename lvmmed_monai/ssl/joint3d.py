@@ -273,24 +273,17 @@ def set_training_stage(net: nn.Module, loss: Joint3DLoss, stage: int,
     """Set up the paper's stage ``stage`` and return the parameters to optimise.
 
     Stage 1: f_intra (+ the 2D clustering head) on ``L_2D``; stage 2: f_inter (+ MASK token and decoder) on
-    ``L_mask`` with f_intra frozen, its BatchNorm statistics too (``net.frozen_intra`` keeps it in eval mode
-    through ``net.train()``); stage 3: f_intra and f_inter (+ the 3D head) on ``L_3D``. ``weights`` replaces
-    the stage's terms (e.g. add ``graph_matching`` or keep ``mask`` in stage 3); a head trains when its term
-    is on and the part it reads trains.
+    ``L_mask`` with f_intra frozen, its BatchNorm statistics too (``net.set_trainable_parts``); stage 3: f_intra
+    and f_inter (+ the 3D head) on ``L_3D``. ``weights`` replaces the stage's terms (e.g. add ``graph_matching``
+    or keep ``mask`` in stage 3); a head trains when its term is on and the part it reads trains.
     """
     loss.weights = dict(weights) if weights is not None else stage_weights(stage)
     intra_on, inter_on = stage in (1, 3), stage in (2, 3)
-    net.requires_grad_(False)
-    net.f_intra.requires_grad_(intra_on)
-    net.inter.requires_grad_(inter_on)
-    if hasattr(net, "context"):  # segmentation networks: the context maps are fine-tuning parts
-        net.context.requires_grad_(False)
+    net.set_trainable_parts(intra_on, inter_on)  # the rest (e.g. a segmentation network's context maps) frozen
     w = loss.weights
     loss.intra.requires_grad_("intra" in w and intra_on)
     loss.inter.requires_grad_("inter" in w)
     loss.masked.requires_grad_("mask" in w and inter_on)
     if loss.graph_matching is not None:
         loss.graph_matching.requires_grad_("graph_matching" in w and intra_on)
-    net.frozen_intra = not intra_on
-    net.train(net.training)
     return [p for m in (net, loss) for p in m.parameters() if p.requires_grad]

@@ -187,7 +187,7 @@ def _phantom_dir(run_dir: Path) -> Path:
 
 def train(run_dir: Path, epochs: int) -> None:
     """Run ``train.yaml`` into a temporary sibling of ``run_dir`` and rename it over ``run_dir``."""
-    from lvmmed_monai.data.writers import build_folder
+    from lvmmed_monai.io import build_folder
 
     build_folder(run_dir, lambda tmp: run_bundle("train.yaml", {"output_dir": tmp, "max_epochs": epochs,
                                                                 "progress_bar": "false"}))

@@ -97,7 +97,7 @@ class LVMMedPretrainModel(nn.Module):
         super().__init__()
         if local_level is not None and local_level not in self.LOCAL_LEVELS:
             raise ValueError(f"local_level must be one of {sorted(self.LOCAL_LEVELS)} or None, got {local_level!r}")
-        self.local_index = self.LOCAL_LEVELS.get(local_level) if local_level is not None else None
+        self.local_index = self.LOCAL_LEVELS.get(local_level)  # None: the last stage
         if self.local_index is not None and not isinstance(encoder, ResNetFeatures):
             raise ValueError(f"local_level={local_level!r} needs a ResNet encoder (stage maps); "
                              f"{type(encoder).__name__} has one feature map: leave local_level null")

@@ -25,6 +25,7 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
 
+from lvmmed_monai.config_values import as_bool
 from lvmmed_monai.io import atomic_open
 
 __all__ = ["progress_enabled", "every", "output_scalars", "TrainingProgressBar", "TrainingSummary",
@@ -38,8 +39,6 @@ def progress_enabled(value: bool | int | str = "auto") -> bool:
     so CI logs and redirected output get the epoch lines only), or a boolean (``true``/``false``/``1``/``0``)."""
     if isinstance(value, str) and value.strip().lower() == "auto":
         return sys.stdout.isatty() and sys.stderr.isatty()
-    from lvmmed_monai.config_values import as_bool
-
     return as_bool(value)
 
 

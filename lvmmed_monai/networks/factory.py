@@ -29,11 +29,8 @@ def segmentation_net_2d(encoder: str, in_channels: int, out_channels: int,
     logits ``(B, out_channels, H, W)`` for any H, W; ``weights``: the encoder's LVM-Med weights (None = random
     initialisation). Extra ``kwargs`` go to the network (e.g. ``img_size``, ``feature_size`` for the ViT,
     ``decoder_channels`` for the U-Net)."""
-    if encoder not in SEGMENTATION_NETS_2D:
-        raise ValueError(f"unknown encoder {encoder!r} for a 2D segmentation network; valid: "
-                         f"{sorted(SEGMENTATION_NETS_2D)}")
-    return SEGMENTATION_NETS_2D[encoder](in_channels=int(in_channels), out_channels=int(out_channels),
-                                         weights=weights, strict=strict, **kwargs)
+    return SEGMENTATION_NETS_2D.get_or_raise(encoder)(in_channels=int(in_channels), out_channels=int(out_channels),
+                                                      weights=weights, strict=strict, **kwargs)
 
 
 def classification_net_2d(encoder: str, in_channels: int, num_classes: int,

@@ -33,10 +33,9 @@ class InterSliceLayer(nn.Module):
     def __init__(self, dim: int, num_heads: int, attention: str = "deformable", mlp_ratio: float = 4.0,
                  dropout: float = 0.0, **attention_kwargs: Any) -> None:
         super().__init__()
-        if attention not in SLICE_ATTENTION:
-            raise ValueError(f"unknown slice attention {attention!r}; valid: {sorted(SLICE_ATTENTION)}")
+        attn_cls = SLICE_ATTENTION.get_or_raise(attention)
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = SLICE_ATTENTION[attention](dim, num_heads=num_heads, proj_drop=dropout, **attention_kwargs)
+        self.attn = attn_cls(dim, num_heads=num_heads, proj_drop=dropout, **attention_kwargs)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim),
                                  nn.Dropout(dropout))

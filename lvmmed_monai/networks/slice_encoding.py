@@ -32,11 +32,11 @@ def hybrid_spec(encoder: str) -> dict[str, Any]:
     """``{"channels", "stride", "last", "context"}`` of ``encoder`` for the hybrid networks: its levels' channels,
     its input stride, its last block's level (the single-level embedding of the "w/o multi-feature" ablation and
     the maps the slice graph-matching term reads) and the levels that get context."""
-    cls = ENCODERS.get_or_raise(encoder)
-    if encoder not in CONTEXT_LEVELS:
-        raise ValueError(f"unknown encoder {encoder!r} for the hybrid network; valid: {sorted(CONTEXT_LEVELS)}")
+    cls, context = ENCODERS.get_or_raise(encoder), CONTEXT_LEVELS.get_or_raise(encoder)
     return {"channels": tuple(cls.level_channels), "stride": int(cls.feature_stride),
-            "last": int(cls.last_block_level), "context": tuple(CONTEXT_LEVELS[encoder])}
+            "last": int(cls.last_block_level), "context": tuple(context)}
+
+
 Weights = str | os.PathLike | Mapping[str, Any] | None
 
 

@@ -58,6 +58,7 @@ __all__ = [
     "sam_to_timm",
     "timm_to_sam",
     "convert_state_dict",
+    "CONVERTIBLE_LAYOUTS",
     "adapt_in_channels",
     "resize_vit_state",
     "load_weights",
@@ -76,6 +77,7 @@ LAYOUTS = {
     "torchvision_resnet50": "torchvision ResNet-50 state dict (conv1.*, bn1.*, layer1..4.*; fc.* dropped)",
     "sam_vit_b": "SAM ImageEncoderViT ViT-B (patch_embed.*, pos_embed, blocks.N.mlp.lin1.*, neck.*)",
     "timm_samvit_b": "timm samvit_base_patch16 (as SAM but blocks.N.mlp.fc1.*)",
+    "sam_full": "a whole SAM model (image_encoder.*, prompt_encoder.*, mask_decoder.*), e.g. sam_vit_b_01ec64.pth",
 }
 
 LICENCE_NOTE = (
@@ -363,10 +365,12 @@ def timm_to_sam(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k.replace(".mlp.fc", ".mlp.lin"): v for k, v in state.items() if not k.startswith("head.")}
 
 
-_CONVERSIONS = {
+_CONVERSIONS = {  # (from layout, to layout): function
     ("sam_vit_b", "timm_samvit_b"): sam_to_timm,
     ("timm_samvit_b", "sam_vit_b"): timm_to_sam,
 }
+# convert_state_dict's targets: the encoder layouts (to the same layout: a copy without ResNet fc.*)
+CONVERTIBLE_LAYOUTS = ("sam_vit_b", "timm_samvit_b", "torchvision_resnet50")
 
 
 def convert_state_dict(state: Mapping[str, torch.Tensor], to_layout: str) -> dict[str, torch.Tensor]:
@@ -375,7 +379,8 @@ def convert_state_dict(state: Mapping[str, torch.Tensor], to_layout: str) -> dic
     if src == to_layout:
         return {k: v for k, v in state.items() if not k.startswith("fc.")}
     if (src, to_layout) not in _CONVERSIONS:
-        raise CheckpointError(f"no conversion from layout {src or 'unknown'} to {to_layout}; known: {list(LAYOUTS)}")
+        raise CheckpointError(f"no conversion from layout {src or 'unknown'} to {to_layout}; "
+                              f"known: {list(CONVERTIBLE_LAYOUTS)}")
     return _CONVERSIONS[(src, to_layout)](state)
 
 

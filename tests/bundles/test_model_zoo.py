@@ -24,7 +24,7 @@ from lvmmed_monai.weights import OFFICIAL_WEIGHTS
 
 REPO = Path(__file__).resolve().parents[2]
 SCHEMA = REPO / "bundles" / "schema" / "meta_schema_20240725.json"
-BUNDLES = ("lvmmed_cls", "lvmmed_det", "lvmmed_hybrid3d", "lvmmed_pretrain", "lvmmed_seg")
+BUNDLES = ("lvmmed_cls", "lvmmed_det", "lvmmed_hybrid3d", "lvmmed_pretrain", "lvmmed_sam", "lvmmed_seg")
 
 # The network and config the zoo's steps use: ``network_def`` in configs/inference.* by default (the zoo's
 # ``_get_net_id`` / ``_find_bundle_file``); lvmmed_hybrid3d's inference config is named inference_seg.yaml.
@@ -32,6 +32,7 @@ NET_CONFIG: dict[str, tuple[str, str]] = {
     "lvmmed_cls": ("network_def", "inference.yaml"),
     "lvmmed_det": ("network_def", "inference.yaml"),
     "lvmmed_hybrid3d": ("network_def", "inference_seg.yaml"),
+    "lvmmed_sam": ("network_def", "inference.yaml"),
     "lvmmed_seg": ("network_def", "inference.yaml"),
 }
 PRETRAIN_REASON = (
@@ -46,7 +47,12 @@ EXCLUDE_VERIFY_SHAPE: dict[str, str] = {
                   "lung_nodule_ct_detection for the same reason); test_lvmmed_det.py checks the dict keys",
     "lvmmed_pretrain": PRETRAIN_REASON,
 }
-EXCLUDE_TORCHSCRIPT: dict[str, str] = {"lvmmed_pretrain": PRETRAIN_REASON}
+SAM_REASON = (
+    "segment-anything's PromptEncoder does not script (its PositionEmbeddingRandom.forward passes a `device: Any` "
+    "to torch.ones), and a trace would freeze the box prompts: the network's forward(image, boxes) is useful only "
+    "with boxes, which ckpt_export's single input_shape cannot give; use the PyTorch checkpoint"
+)
+EXCLUDE_TORCHSCRIPT: dict[str, str] = {"lvmmed_pretrain": PRETRAIN_REASON, "lvmmed_sam": SAM_REASON}
 # Exports the zoo's plain ckpt_export (torch.jit.script) cannot do. lvmmed_hybrid3d does not script (module-typed
 # attributes of the inter-slice transformer); it exports traced, and the trace fixes the batch size and slice
 # count (N, D) it was traced at (any in-plane size works): for use, export it at (1, 1, *roi_size) of
@@ -76,6 +82,7 @@ RELEASED_WEIGHTS: dict[str, tuple[str, ...]] = {
     "lvmmed_det": ("lvmmed_resnet50",),  # the detector's backbone is the ResNet-50 only
     "lvmmed_hybrid3d": ("lvmmed_resnet50", "lvmmed_vit_b"),
     "lvmmed_pretrain": (),
+    "lvmmed_sam": ("lvmmed_vit_b",),  # SAM's image encoder is the ViT-B
     "lvmmed_seg": ("lvmmed_resnet50", "lvmmed_vit_b"),
 }
 LARGE_FILE_KEYS = {"path", "url", "hash_val", "hash_type"}
@@ -210,6 +217,14 @@ def test_the_hybrid_network_does_not_script() -> None:
     """The reason lvmmed_hybrid3d exports traced holds: the zoo's plain ckpt_export (torch.jit.script) fails."""
     net = _parser("lvmmed_hybrid3d", {}).get_parsed_content("network_def").eval()
     with pytest.raises(Exception, match="InterSliceTransformer"):
+        torch.jit.script(net)
+
+
+def test_the_box_prompted_network_does_not_script() -> None:
+    """The reason lvmmed_sam is excluded from ckpt_export holds: scripting fails in SAM's prompt encoder."""
+    pytest.importorskip("segment_anything")
+    net = _parser("lvmmed_sam", {"img_size": 32}).get_parsed_content("network_def").eval()
+    with pytest.raises(RuntimeError, match="prompt_encoder.py"):
         torch.jit.script(net)
 
 

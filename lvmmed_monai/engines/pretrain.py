@@ -4,7 +4,8 @@
 their coordinate maps -> ``encoder.feature_map`` -> :class:`~lvmmed_monai.ssl.LVMMedLoss` -> Adam step), so
 that MONAI's handlers (stats, TensorBoard, checkpoints, lr schedule) and bundle configs drive it unchanged.
 
-Reproducibility: the Gumbel noise of iteration ``i`` comes from a generator seeded with ``(seed, i, rank)``
+Reproducibility: the Gumbel noise of iteration ``i`` is a function of ``(seed, i, global graph index)`` per
+graph (:class:`~lvmmed_monai.ssl.imle.NoiseKey`), so 1 or N processes draw the same noise for a global batch,
 and the views of each sample from its own seed (:mod:`lvmmed_monai.data.sampling`), so a run resumed from a
 checkpoint replays the same losses without restoring any random stream; the torch RNG is checkpointed as
 well (:class:`RNGState`) for anything else that draws from it.
@@ -26,6 +27,7 @@ from torch.optim import Optimizer
 from lvmmed_monai.data.sampling import GlobalBatchSampler, derive_seed
 from lvmmed_monai.engines.step import amp_step
 from lvmmed_monai.process_group import get_rank, get_world_size, is_distributed
+from lvmmed_monai.ssl.imle import NoiseKey
 from lvmmed_monai.ssl.loss import LVMMedLoss, LVMMedLossOutput
 
 __all__ = ["LVMMedPretrainModel", "LVMMedPretrainTrainer", "RNGState", "halving_milestones", "view_inputs", "STAT_KEYS",
@@ -112,7 +114,7 @@ class LVMMedPretrainModel(nn.Module):
         self.imle_lam = criterion.lam / self.world_size if per_loss else criterion.lam
 
     def forward(self, image_s: torch.Tensor, image_t: torch.Tensor, coords_s: torch.Tensor,
-                coords_t: torch.Tensor, generator: torch.Generator | None = None,
+                coords_t: torch.Tensor, generator: torch.Generator | NoiseKey | None = None,
                 local_images: Sequence[torch.Tensor] = (), local_coords: Sequence[torch.Tensor] = (),
                 second_order: bool | None = None, noise_scale: float | None = None) -> LVMMedLossOutput:
         over = {"second_order": second_order, "noise_scale": noise_scale, "lam": self.imle_lam}
@@ -139,7 +141,8 @@ class LVMMedPretrainModel(nn.Module):
             for j, ((f_l, m_l), c_l) in enumerate(zip(feats_l, local_coords, strict=True)):
                 f_g, m_g, c_g = (feats_s, maps_s, coords_s) if j % 2 == 0 else (feats_t, maps_t, coords_t)
                 aff_l = self.criterion.affinities(f_g, f_l, c_g, c_l, m_g, m_l)
-                losses.append(self.criterion.match(aff_l, generator, **over).loss)
+                gen_l = generator.substream(j + 1) if isinstance(generator, NoiseKey) else generator
+                losses.append(self.criterion.match(aff_l, gen_l, **over).loss)
             loss = torch.stack(losses).mean()
         with torch.no_grad():  # noise-free view retrieval: is each image's best c_v partner its own other view?
             best = aff.c_v.detach().argmax(-1)
@@ -190,7 +193,9 @@ class LVMMedPretrainTrainer(SupervisedTrainer):
         device, max_epochs, train_data_loader, train_handlers, epoch_length: as for ``SupervisedTrainer``.
         network: :class:`LVMMedPretrainModel`, possibly wrapped in DDP.
         optimizer: over the encoder's and the loss's parameters (``network.parameters()``).
-        seed: seeds the per-iteration Gumbel generator ``(seed, iteration, rank)``.
+        seed: with the iteration, keys the Gumbel noise: each graph's noise is a function of ``(seed, iteration,
+            global graph index)`` (:class:`~lvmmed_monai.ssl.imle.NoiseKey`), so N processes draw exactly the
+            noise one process would on the same global batch.
         clip_grad_norm: max global gradient norm (None: no clipping; the norm is still reported).
         amp: float16 autocast with a gradient scaler; used on CUDA only (ignored on CPU).
         key_train_metric / additional_metrics: ignite metrics over the iteration outputs, as for
@@ -231,7 +236,6 @@ class LVMMedPretrainTrainer(SupervisedTrainer):
         self.model, self.seed, self.clip_grad_norm = model, int(seed), clip_grad_norm
         self.use_amp = bool(amp) and device.type == "cuda"
         self.grad_scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
-        self.generator = torch.Generator(device=device)
         self.rank, self.world_size = get_rank(), get_world_size()
         self._last_end: float | None = None
         sampler = getattr(train_data_loader, "sampler", None)
@@ -251,11 +255,12 @@ class LVMMedPretrainTrainer(SupervisedTrainer):
     def _iteration(self, engine: LVMMedPretrainTrainer, batchdata: dict[str, torch.Tensor]) -> dict:
         start = time.perf_counter()
         x = view_inputs(batchdata, engine.state.device, engine.non_blocking)
-        self.generator.manual_seed(derive_seed(self.seed, engine.state.iteration, self.rank))
+        graphs = x["image_s"].shape[0] // self.model.criterion.graph_size  # this process's graphs
+        noise = NoiseKey(derive_seed(self.seed, engine.state.iteration), graph_offset=self.rank * graphs)
         engine.network.train()
         overrides = getattr(engine.state, "loss_overrides", None) or {}  # FirstOrderWarmup's, this iteration
         loss, stats, grad_norm = amp_step(engine.optimizer, self.grad_scaler,
-                                          lambda: engine.network(**x, generator=self.generator, **overrides),
+                                          lambda: engine.network(**x, generator=noise, **overrides),
                                           engine.state.device.type, self.use_amp, self.clip_grad_norm)
         values = torch.stack([loss.detach().float(), *(stats[k].float() for k in STAT_KEYS), grad_norm.float()])
         if is_distributed():

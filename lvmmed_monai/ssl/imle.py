@@ -11,6 +11,11 @@ divided by ``lam``, is the gradient estimate (Eq. 6).
 graph's ``dL/dX`` is rescaled to unit mean magnitude before the step (for the Hamming loss, exactly the
 graph's own ``dH/dX``, whatever the reduction, batch size or number of processes) and the gradient estimate
 is scaled back, so it is still an estimate of ``dL/dc``.
+
+Noise: a ``torch.Generator`` draws the batch's noise in one stream, so a graph's noise depends on where it sits in
+the batch and on the process that solves it. A :class:`NoiseKey` instead makes every graph's noise a function of
+``(seed, global graph index, stream)`` alone (a counter-based generator, :func:`counter_uniform`), so a global
+batch gets the same noise on 1 process or on N (DDP exact with the noise on) and on CPU or GPU alike.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from torch import Tensor
 
 from lvmmed_monai.ssl.matching import lawler_edges, pair_products, solve_lap, solve_qap
 
-__all__ = ["imle_qap", "hamming_loss", "gumbel_noise", "IMLESettings", "NOISE_KINDS", "STEP_KINDS"]
+__all__ = ["imle_qap", "hamming_loss", "gumbel_noise", "IMLESettings", "NOISE_KINDS", "STEP_KINDS", "NoiseKey",
+           "counter_uniform"]
 
 NOISE_KINDS = ("gumbel", "constant", "none")
 STEP_KINDS = ("per_graph", "per_loss")
@@ -31,9 +37,67 @@ STEP_KINDS = ("per_graph", "per_loss")
 
 def gumbel_noise(shape: tuple[int, ...], ref: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Gumbel(0, 1) samples ``-log(-log(U))`` with U uniform in (0, 1), float32 on ``ref``'s device."""
-    u = torch.rand(shape, generator=generator, device=ref.device, dtype=torch.float32)
+    return _gumbel(torch.rand(shape, generator=generator, device=ref.device, dtype=torch.float32))
+
+
+def _gumbel(u: Tensor) -> Tensor:
     tiny = torch.finfo(torch.float32).tiny
     return -torch.log(-torch.log(u.clamp(tiny, 1.0 - 1e-7)))
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """``x * c mod 2**32`` for ``0 <= x < 2**32`` in int64 without overflow (16-bit halves)."""
+    return ((x & 0xFFFF) * c + ((((x >> 16) * c) & 0xFFFF) << 16)) & _MASK32
+
+
+def _fmix32(h: Tensor) -> Tensor:
+    """MurmurHash3's 32-bit finaliser: a bijection of 32-bit integers that mixes every bit into every bit."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def counter_uniform(keys: Tensor, count: int) -> Tensor:
+    """``(G, count)`` float32 uniforms in (0, 1): element ``j`` of row ``g`` is a hash of ``(keys[g], j)`` only.
+
+    SplitMix-style: a Weyl sequence ``key + j * golden`` through :func:`_fmix32`; 23 bits per value. Integer
+    ops only, so the values are identical on every device and process, and a row never depends on the rows
+    around it. torch's Philox generators would give the same property on CUDA only, and per-row generators
+    would need a Python loop over graphs.
+    """
+    j = torch.arange(count, device=keys.device, dtype=torch.int64)
+    h = _fmix32((keys.long()[:, None] + _mul32(j, 0x9E3779B9)[None]) & _MASK32)
+    return ((h >> 9).float() + 0.5) / float(1 << 23)  # 23 bits: 1 - 2**-24 is the largest, < 1 in float32
+
+
+@dataclass(frozen=True)
+class NoiseKey:
+    """The noise of one step as a function of ``(seed, global graph index, stream)``: pass it as ``generator``.
+
+    ``seed``: this step's seed (the trainer's ``derive_seed(seed, iteration)``); ``graph_offset``: the global
+    index of this process's first graph (``rank * graphs per process``); ``stream``: a separate draw for each
+    matching of the step (e.g. one per multi-crop view). Graph ``g`` of a call gets the same noise whichever
+    process solves it.
+    """
+
+    seed: int
+    graph_offset: int = 0
+    stream: int = 0
+
+    def keys(self, num_graphs: int, device: torch.device | str) -> Tensor:
+        """``(num_graphs,)`` int64 32-bit keys of this call's graphs."""
+        graphs = torch.arange(num_graphs, device=device, dtype=torch.int64) + int(self.graph_offset)
+        k = _fmix32(torch.full_like(graphs, int(self.seed) & _MASK32))
+        k = _fmix32(k ^ _mul32(graphs & _MASK32, 0x27D4EB2F))
+        return _fmix32(k ^ (int(self.stream) * 0x165667B1 & _MASK32))
+
+    def substream(self, stream: int) -> NoiseKey:
+        return NoiseKey(self.seed, self.graph_offset, int(stream))
 
 
 @dataclass(frozen=True)
@@ -59,10 +123,16 @@ class _IMLEQAP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, c_v: Tensor, c_e: Tensor, edges_s: Tensor, edges_t: Tensor, cfg: IMLESettings,
-                generator: torch.Generator | None) -> Tensor:
+                generator: torch.Generator | NoiseKey | None) -> Tensor:
         s, (g, n, _) = cfg.num_samples, c_v.shape
         cv, ce = c_v.detach().float(), c_e.detach().float()
-        if cfg.noise == "gumbel":
+        if cfg.noise == "gumbel" and isinstance(generator, NoiseKey):  # per graph: the vertex part, then the edges'
+            tau, per_v, per_e = cfg.noise_scale, s * n * n, s * ce.shape[1] * ce.shape[2]
+            u = counter_uniform(generator.keys(g, cv.device), per_v + (per_e if cfg.second_order else 0))
+            eps = tau * _gumbel(u[:, :per_v]).view(g, s, n, n).transpose(0, 1)
+            eps_e = tau * _gumbel(u[:, per_v:]).view(g, s, *ce.shape[1:]).transpose(0, 1) if cfg.second_order \
+                else None
+        elif cfg.noise == "gumbel":
             tau = cfg.noise_scale
             eps = tau * gumbel_noise((s, g, n, n), cv, generator)
             eps_e = tau * gumbel_noise((s, *ce.shape), cv, generator) if cfg.second_order else None
@@ -135,7 +205,7 @@ def imle_qap(
     second_order: bool = True,
     method: str = "lvmmed",
     constant: float = 0.5772156649,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | NoiseKey | None = None,
     solver_options: dict | None = None,
     check_inputs: bool = True,
 ) -> Tensor:
@@ -166,7 +236,8 @@ def imle_qap(
         second_order: False is the "w/o second-order" ablation: the exact LAP on ``c_v + eps`` only; c_e
             then gets a zero gradient.
         method: QAP solver of :func:`~lvmmed_monai.ssl.matching.solve_qap`; solver_options go to it.
-        generator: optional torch.Generator (on c_v's device) for reproducible noise.
+        generator: optional torch.Generator (on c_v's device) for reproducible noise, or a :class:`NoiseKey`:
+            each graph's noise from ``(seed, global graph index, stream)``, the same on any number of processes.
         check_inputs: check c_v, c_e for NaN/Inf and the edges' node indices (host syncs; shapes and dtypes
             are always checked).
 

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from lvmmed_monai.data.views import pool_coords
 from lvmmed_monai.ssl.affinity import EDGE_FORMS, edge_affinity, num_kept, vertex_affinity
 from lvmmed_monai.ssl.graph import GCN, GCN_FORMS, Projector, knn_adjacency, knn_graph, normalized_adjacency
-from lvmmed_monai.ssl.imle import STEP_KINDS, hamming_loss, imle_qap
+from lvmmed_monai.ssl.imle import STEP_KINDS, NoiseKey, hamming_loss, imle_qap
 from lvmmed_monai.ssl.matching import pair_products
 
 __all__ = ["LVMMedLoss", "LVMMedLossOutput", "GraphAffinities"]
@@ -253,7 +253,8 @@ class LVMMedLoss(nn.Module):
         return grid.flatten(2).transpose(1, 2).reshape(g, n, -1, 2)
 
     def match(
-        self, aff: GraphAffinities, generator: torch.Generator | None = None, *, second_order: bool | None = None,
+        self, aff: GraphAffinities, generator: torch.Generator | NoiseKey | None = None, *,
+        second_order: bool | None = None,
         noise_scale: float | None = None, lam: float | None = None,
     ) -> LVMMedLossOutput:
         """Perturbed matching with IMLE gradients (Eq. 4, 6) and the Hamming loss to the identity (Eq. 5).
@@ -294,7 +295,7 @@ class LVMMedLoss(nn.Module):
         feats_t: Tensor,
         coords_s: Tensor | None = None,
         coords_t: Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | NoiseKey | None = None,
         local_s: Tensor | None = None,
         local_t: Tensor | None = None,
         **overrides: float | bool | None,
@@ -308,7 +309,8 @@ class LVMMedLoss(nn.Module):
             coords_s, coords_t: ``(N, 2, H, W)`` normalised original-image ``(y, x)`` per pixel of each view
                 (``LVMMedViewsd``'s ``coords_s``/``coords_t``, or already ``(N, 2, R, S)``); average-pooled
                 to the feature grid. Needed only with ``local_cost``.
-            generator: optional RNG for the Gumbel noise (reproducible steps).
+            generator: optional RNG for the Gumbel noise (reproducible steps), or a
+                :class:`~lvmmed_monai.ssl.imle.NoiseKey` (each graph's noise from its global index: DDP exact).
             local_s, local_t: maps for the local cost instead of ``feats_s`` / ``feats_t`` (see
                 :meth:`affinities`).
 

@@ -135,10 +135,55 @@ def test_killed_run_resumed_from_latest_checkpoint_repeats_the_uninterrupted_los
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_two_process_ddp_on_cpu_equals_one_process_on_the_global_batch(tiny, tmp_path):
-    """Global batch 32 = 2 graphs of 16; DDP gives each of 2 gloo processes one graph, 3 iterations.
+def _free_port() -> int:
+    import socket
 
-    Gumbel noise off (it is drawn per process). The backward of a randomly initialised ResNet-50 is chaotic
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
+
+
+def _two_nodes_on_localhost(args: list[str], timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    """``torchrun --nnodes 2 --nproc_per_node 1`` twice on this machine, meeting through c10d rendezvous."""
+    port = _free_port()
+    launch = [str(BIN / "torchrun"), "--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+              "--rdzv_endpoint", f"localhost:{port}", "--rdzv_id", "lvmmed-test", "--max_restarts", "0"]
+    procs = [subprocess.Popen([*launch, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, encoding="utf-8",
+                              errors="replace", env=ENV, cwd=REPO) for _ in range(2)]
+    out = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=timeout)
+        out.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tiny) -> dict[str, Path]:
+    """The same 3 iterations on 1 process, on 2 processes of one node (--standalone) and on 2 nodes of 1 process
+    each (c10d rendezvous on localhost), Gumbel noise on."""
+    root = tiny["root"] / "ddp"
+    over = {**tiny["overrides"], "batch_size": 32, "graph_size": 16, "k": 5, "gumbel": True, "max_epochs": 1,
+            "samples_per_epoch": 96, "ckpt_interval": 100, "lr": 1e-7}
+    one = _run([str(BIN / "python"), "-m", "monai.bundle", "run", "--config_file", TRAIN,
+                *_cli({**over, "output_dir": str(root / "one")})])
+    assert one.returncode == 0, one.stderr[-3000:]
+    bundle = ["-m", "monai.bundle", "run", "--config_file", f"['{TRAIN}','{MULTI}']"]
+    two = _run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", *bundle,
+                *_cli({**over, "output_dir": str(root / "two")})])
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    for node in _two_nodes_on_localhost([*bundle, *_cli({**over, "output_dir": str(root / "nodes")})]):
+        assert node.returncode == 0, node.stdout[-2000:] + node.stderr[-3000:]
+    return {name: root / name for name in ("one", "two", "nodes")}
+
+
+@pytest.mark.parametrize("launch", ["two", "nodes"])
+def test_two_process_ddp_with_gumbel_noise_equals_one_process_on_the_global_batch(ddp_runs, launch):
+    """Global batch 32 = 2 graphs of 16; DDP gives each of 2 gloo processes one graph, 3 iterations, with the
+    paper's Gumbel noise on (scale 1, no warm-up): each graph's noise is keyed by its global index
+    (NoiseKey), so process 1 draws for its graph exactly what the single process draws for graph 2. The
+    processes run on one node (``two``) or as two single-process nodes (``nodes``, torchrun --nnodes 2).
+
+    The backward of a randomly initialised ResNet-50 is chaotic
     in float32: a 1e-6 relative change of its input changes input gradients by ~2%, and float32 vs float64
     differ as much; so gradients can only agree to ~1% and, after an Adam step (which moves every weight by
     ~lr whatever its gradient's size), weights by ~lr. With lr 1e-7 the three iterations see the same
@@ -147,15 +192,7 @@ def test_two_process_ddp_on_cpu_equals_one_process_on_the_global_batch(tiny, tmp
     BatchNorm would change it by ~2x / change the objectives); exported weights within 1e-6 + 1e-5 relative,
     BatchNorm running statistics within 1e-5 + 1e-3 relative (float64 sums on 2 processes vs PyTorch's
     float32 kernel, for channels of near-zero variance)."""
-    over = {**tiny["overrides"], "batch_size": 32, "graph_size": 16, "k": 5, "gumbel": False, "max_epochs": 1,
-            "samples_per_epoch": 96, "ckpt_interval": 100, "lr": 1e-7}
-    one = _run([str(BIN / "python"), "-m", "monai.bundle", "run", "--config_file", TRAIN,
-                *_cli({**over, "output_dir": str(tmp_path / "one")})])
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = _run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "monai.bundle", "run",
-                "--config_file", f"['{TRAIN}','{MULTI}']", *_cli({**over, "output_dir": str(tmp_path / "two")})])
-    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
-    logs1, logs2 = tmp_path / "one" / "logs", tmp_path / "two" / "logs"
+    logs1, logs2 = ddp_runs["one"] / "logs", ddp_runs[launch] / "logs"
     for tag in ("loss", "accuracy", "hamming"):
         assert _scalars(logs2, tag) == _scalars(logs1, tag), tag
     for tag, rel in (("objective", 1e-4), ("identity_objective", 1e-4), ("grad_norm", 2e-2)):
@@ -163,8 +200,8 @@ def test_two_process_ddp_on_cpu_equals_one_process_on_the_global_batch(tiny, tmp
         assert sorted(s1) == sorted(s2) == [1, 2, 3]
         for step in s1:
             assert s2[step] == pytest.approx(s1[step], rel=rel), (tag, step, s1, s2)
-    a = load_encoder("lvmmed_resnet50", weights=tmp_path / "one" / "models" / "lvmmed_resnet.torch").state_dict()
-    b = load_encoder("lvmmed_resnet50", weights=tmp_path / "two" / "models" / "lvmmed_resnet.torch").state_dict()
+    a = load_encoder("lvmmed_resnet50", weights=ddp_runs["one"] / "models" / "lvmmed_resnet.torch").state_dict()
+    b = load_encoder("lvmmed_resnet50", weights=ddp_runs[launch] / "models" / "lvmmed_resnet.torch").state_dict()
     for key in a:  # weights move <= ~lr per step; BatchNorm running statistics follow the batch statistics
         tol = {"rtol": 1e-3, "atol": 1e-5} if "running_" in key else {"rtol": 1e-5, "atol": 1e-6}
         torch.testing.assert_close(b[key], a[key], **tol)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-from lvmmed_monai.ssl.imle import hamming_loss, imle_qap
+from lvmmed_monai.ssl.imle import NoiseKey, counter_uniform, hamming_loss, imle_qap
 
 LAM = 80.0
 
@@ -289,6 +289,42 @@ def test_per_graph_step_is_the_same_on_one_or_two_processes():
         assert model.imle_lam == lam and model.criterion.lam == 80.0  # the criterion keeps what the config says
     with pytest.raises(ValueError, match="imle_step"):
         LVMMedLoss(in_dim=8, graph_size=4, k=2, imle_step="per_batch")
+
+
+@pytest.mark.parametrize("second_order", [True, False])
+def test_noise_keyed_by_global_graph_index_gives_the_same_gumbel_noise_on_one_or_two_processes(second_order):
+    """With a NoiseKey each graph's Gumbel noise depends on (seed, global graph index, stream) only: graphs
+    10-19 solved as a second process's batch (graph_offset 10) get the matchings and the gradients they get in
+    one batch of 20; another seed, another stream or the wrong offset change them."""
+    c_v, c_e, es, et = _problem(20, 6, seed=8)
+
+    def run(sl: slice, key: NoiseKey, num_samples: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+        cv = c_v[sl].clone().requires_grad_(True)
+        x = imle_qap(cv, c_e[sl], es[sl], et[sl], lam=2.0, step="per_graph", noise="gumbel", noise_scale=1.0,
+                     num_samples=num_samples, second_order=second_order, generator=key)
+        hamming_loss(x).sum().backward()
+        return x.detach(), cv.grad
+
+    whole = run(slice(0, 20), NoiseKey(7))
+    parts = [run(slice(0, 10), NoiseKey(7, graph_offset=0)), run(slice(10, 20), NoiseKey(7, graph_offset=10))]
+    for i in range(2):
+        assert torch.equal(torch.cat([p[i] for p in parts]), whole[i])
+    assert whole[1].abs().sum() > 0
+    # the noise is real: scale 1 against affinities ~N(0, 1) changes matchings across seeds / streams / offsets
+    for other in (NoiseKey(8), NoiseKey(7, stream=1), NoiseKey(7, graph_offset=1)):
+        assert not torch.equal(run(slice(0, 20), other)[0], whole[0])
+
+
+def test_counter_uniform_is_uniform_and_keyed():
+    keys = NoiseKey(3).keys(3, "cpu")
+    u = counter_uniform(keys, 200_000)
+    assert u.dtype == torch.float32 and u.shape == (3, 200_000) and bool(((u > 0) & (u < 1)).all())
+    torch.testing.assert_close(u.mean(1), torch.full((3,), 0.5), atol=3e-3, rtol=0)
+    torch.testing.assert_close(u.var(1), torch.full((3,), 1 / 12), atol=1e-3, rtol=0)
+    assert float(torch.corrcoef(u).triu(1).abs().max()) < 0.01  # rows (graphs) uncorrelated
+    assert float(torch.corrcoef(torch.stack([u[0, :-1], u[0, 1:]]))[0, 1].abs()) < 0.01  # lag-1 within a row
+    assert torch.equal(counter_uniform(keys[1:], 50), u[1:, :50])  # a row depends on its own key only
+    assert torch.equal(NoiseKey(3, graph_offset=1).keys(2, "cpu"), keys[1:])
 
 
 def test_unchecked_call_is_the_checked_one_and_skips_only_the_checks():

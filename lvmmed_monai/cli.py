@@ -1,4 +1,5 @@
-"""The ``lvmmed`` command: weights (list, inspect, convert, fetch), demo, vista2d-demo, mr-data, nnunet-path, info."""
+"""The ``lvmmed`` command: weights (list, inspect, convert, fetch), demo, vista2d-demo, mr-data, prepare-data,
+nunet-path, info."""
 
 from __future__ import annotations
 
@@ -171,6 +172,39 @@ def _cmd_mr_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _part(text: str) -> tuple[int, int]:
+    try:
+        r, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--part takes R/N (part R of N, from 0), got {text!r}") from None
+    if not 0 <= r < n:
+        raise argparse.ArgumentTypeError(f"--part R/N needs 0 <= R < N, got {text!r}")
+    return r, n
+
+
+def _cmd_prepare_data(args: argparse.Namespace) -> int:
+    import logging
+
+    from lvmmed_monai.data.pretrain import prepare_part, prepare_slices
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # skipped files and the summary line
+    data = json.loads(Path(args.data).read_text()) if args.data.endswith(".json") else args.data
+    options = {"axis": args.slice_axis, "percentiles": args.intensity_percentiles,
+               "min_slice_range": args.min_slice_range, "on_error": args.on_bad_data,
+               "max_size": args.max_slice_size or None, "workers": args.workers, "progress": args.progress}
+    start = time.perf_counter()
+    if args.part:
+        decoded = prepare_part(data, args.cache_dir, part=args.part, **options)
+        print(f"part {args.part[0]}/{args.part[1]}: {decoded} file(s) decoded into {args.cache_dir} in "
+              f"{time.perf_counter() - start:.1f} s; run without --part once every part is done to merge the index")
+        return 0
+    index = prepare_slices(data, args.cache_dir, **options)
+    print(f"{len(index)} slices in {args.cache_dir} ({len(index.shards)} shard(s)) in {time.perf_counter() - start:.1f}"
+          f" s; index {index.nbytes / len(index):.1f} bytes per slice; the bundle reuses it with --cache_dir "
+          f"{args.cache_dir} and the same slicing settings")
+    return 0
+
+
 def _cmd_nnunet_path(_: argparse.Namespace) -> int:
     """The folder of the nnU-Net trainers, through package resources: the library never imports the plugin
     (which imports nnU-Net and the library)."""
@@ -232,6 +266,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--templates", default="/usr/share/mricron/templates")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_mr_data)
+    p = sub.add_parser("prepare-data", help="slice, normalise and cache a pretraining collection in parallel (the "
+                       "lvmmed_pretrain bundle's data step; resumable, a rerun only stats the files)")
+    p.add_argument("data", help="folder (its sub-folders are the datasets) or a .json list of files")
+    p.add_argument("--cache-dir", required=True, help="the bundle's cache_dir (default there: output_dir/slice_cache)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: this machine's cores)")
+    p.add_argument("--part", type=_part, help="R/N: prepare only part R of N (files R, R+N, ...), e.g. one per "
+                   "machine; then run once without --part to merge")
+    p.add_argument("--slice-axis", type=int, default=2)
+    p.add_argument("--intensity-percentiles", type=float, nargs=2, default=[0.5, 99.5])
+    p.add_argument("--min-slice-range", type=float, default=0.05)
+    p.add_argument("--max-slice-size", type=int, default=512, help="0 keeps the native size")
+    p.add_argument("--on-bad-data", choices=["skip", "raise"], default="skip")
+    p.add_argument("--progress", default="auto", help="progress bar: auto (on a terminal), true or false")
+    p.set_defaults(func=_cmd_prepare_data)
     sub.add_parser("info", help="versions and registered encoders").set_defaults(func=_cmd_info)
     sub.add_parser(
         "nnunet-path", help="folder of the nnU-Net trainers: export nnUNet_extTrainer=$(lvmmed nnunet-path)"

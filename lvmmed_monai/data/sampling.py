@@ -12,11 +12,14 @@ transform stream:
   sample carries its own seed, a hash of ``(seed, epoch, position in the epoch)``, and
   :class:`SeededViewsDataset` re-seeds the random transform with it (counter-based randomness). The views of
   a sample are then the same on any number of workers or processes and after a resume.
+
+:func:`dataset_weights` mixes the datasets of a collection (its sub-folders; LVM-Med draws from 55) equally or in
+given shares, as weights for the sampler.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -24,9 +27,10 @@ from monai.transforms import Randomizable
 from torch.utils.data import Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from lvmmed_monai.data.slice_cache import SliceIndex
 from lvmmed_monai.data.views import share_random_state
 
-__all__ = ["GlobalBatchSampler", "SeededViewsDataset", "derive_seed"]
+__all__ = ["GlobalBatchSampler", "SeededViewsDataset", "derive_seed", "dataset_weights", "modality_weights"]
 
 
 def derive_seed(*counters: int) -> int:
@@ -38,7 +42,7 @@ class GlobalBatchSampler(DistributedSampler):
     """Yields ``(index, seed)`` for this process: contiguous parts of global batches, seeded per sample.
 
     Each epoch draws ``num_samples`` indices (a permutation, or with ``weights`` a weighted draw with
-    replacement, e.g. :func:`~lvmmed_monai.data.pretrain.modality_weights`), cuts them into global batches of
+    replacement, e.g. :func:`dataset_weights`), cuts them into global batches of
     ``global_batch_size`` (an incomplete last batch is dropped) and gives process ``rank`` the ``rank``-th of
     ``num_replicas`` contiguous parts of each. A 1-process run with batch ``B`` therefore sees exactly the
     concatenation of what ``W`` processes with batch ``B / W`` see. It subclasses ``DistributedSampler`` so
@@ -135,3 +139,46 @@ class SeededViewsDataset(Dataset):
         index, seed = (item, item) if isinstance(item, int) else item
         share_random_state(self.transform, np.random.RandomState(int(seed)))  # one seeding per sample
         return self.transform(self.base[int(index)])
+
+
+def _dataset_labels(index: SliceIndex | Sequence[Mapping]) -> tuple[np.ndarray, list[str]]:
+    if isinstance(index, SliceIndex):
+        return index.dataset_ids, index.datasets
+    names, ids = np.unique(np.array([str(e.get("dataset", e.get("modality"))) for e in index]), return_inverse=True)
+    return ids, names.tolist()
+
+
+def dataset_weights(index: SliceIndex | Sequence[Mapping], weights: str | Mapping[str, float] | None = None
+                    ) -> np.ndarray | None:
+    """Per-slice sampling weights that mix the datasets (sub-folders) of ``index`` in chosen shares, for
+    :class:`~lvmmed_monai.data.sampling.GlobalBatchSampler` (weighted draws with replacement).
+
+    ``weights``: None or ``"proportional"``: None (the sampler's permutation, each dataset in proportion to its
+    slices); ``"equal"``: every dataset equally often (the bundle's ``modality_balanced``); ``{dataset: w}``: dataset
+    drawn with share ``w / sum(w)``, every dataset named (0 leaves one out). Returns float64 ``(len(index),)``.
+    """
+    if weights is None or (isinstance(weights, str) and weights.strip().lower() in ("", "none", "null",
+                                                                                    "proportional")):
+        return None
+    ids, names = _dataset_labels(index)
+    if isinstance(weights, str) and weights.strip().lower() == "equal":
+        share = np.ones(len(names))
+    elif isinstance(weights, Mapping):
+        given = {str(k): v for k, v in weights.items()}
+        unknown, unnamed = sorted(set(given) - set(names)), sorted(set(names) - set(given))
+        if unknown or unnamed:
+            raise ValueError(f"dataset_weights must name every dataset (sub-folder) of the collection, {names}: "
+                             f"unknown {unknown}, not named {unnamed}")
+        share = np.array([float(given[n]) for n in names])
+        if not (np.isfinite(share).all() and (share >= 0).all() and share.sum() > 0):
+            raise ValueError(f"dataset_weights must be finite, >= 0 and not all 0, got {dict(given)}")
+    else:
+        raise ValueError(f"dataset_weights must be null, 'equal', 'proportional' or {{dataset: weight}}, got "
+                         f"{weights!r}")
+    counts = np.bincount(ids, minlength=len(names))
+    return (share / share.sum() / np.maximum(counts, 1))[ids]
+
+
+def modality_weights(index: SliceIndex | Sequence[Mapping]) -> np.ndarray:
+    """Per-slice weights that draw each modality (dataset) equally often: ``dataset_weights(index, "equal")``."""
+    return dataset_weights(index, "equal")

@@ -18,8 +18,8 @@ from PIL import Image
 
 from lvmmed_monai.data.loading import PretrainDataError, collect_files
 from lvmmed_monai.data.pipeline import pretrain_dataset
-from lvmmed_monai.data.pretrain import LoadSliced, modality_weights, prepare_slices
-from lvmmed_monai.data.sampling import GlobalBatchSampler, SeededViewsDataset
+from lvmmed_monai.data.pretrain import LoadSliced, prepare_slices
+from lvmmed_monai.data.sampling import GlobalBatchSampler, SeededViewsDataset, modality_weights
 from lvmmed_monai.demo.phantoms import _write_dicom_series, shape_phantoms, write_default_collection
 from lvmmed_monai.engines import as_bool, halving_milestones, latest_checkpoint
 
@@ -27,6 +27,11 @@ from lvmmed_monai.engines import as_bool, halving_milestones, latest_checkpoint
 def _nifti(path, array) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(nib.Nifti1Image(np.asarray(array, dtype=np.float32), np.eye(4)), path)
+
+
+def _slices(index, source=None) -> np.ndarray:
+    """The cached slices of ``source`` (every slice when None), ``(S, H, W)`` float16."""
+    return np.stack([index.read(i) for i, e in enumerate(index) if source in (None, e["source"])])
 
 
 def _volume(shape=(20, 16, 6)) -> np.ndarray:
@@ -44,8 +49,7 @@ def test_volumes_sliced_along_axis_with_per_volume_normalisation(tmp_path):
     by_mod = Counter(e["modality"] for e in index)
     assert by_mod == {"CT": 6, "image": 1}  # sub-folder name, else the kind
     ref = (v - v.min()) / (v.max() - v.min())  # one window for the whole volume, not per slice
-    ct = [e for e in index if e["modality"] == "CT"]
-    got = np.load(ct[0]["image"])
+    got = _slices(index, str(tmp_path / "data" / "CT" / "a.nii.gz"))
     assert got.dtype == np.float16 and got.shape == (6, 20, 16)
     np.testing.assert_allclose(got.astype(np.float32), np.moveaxis(ref, 2, 0), atol=1e-3)
     index0 = prepare_slices(tmp_path / "data", tmp_path / "cache", axis=0, percentiles=(0, 100),
@@ -59,8 +63,8 @@ def test_dicom_series_matches_the_same_volume_as_nifti(tmp_path):
     _nifti(tmp_path / "n" / "v.nii.gz", v)
     files = collect_files(tmp_path / "d")
     assert [(f["kind"], f["modality"]) for f in files] == [("dicom", "MR")]
-    dcm = np.load(prepare_slices(tmp_path / "d", tmp_path / "c1", percentiles=(0, 100))[0]["image"])
-    nii = np.load(prepare_slices(tmp_path / "n", tmp_path / "c2", percentiles=(0, 100))[0]["image"])
+    dcm = _slices(prepare_slices(tmp_path / "d", tmp_path / "c1", percentiles=(0, 100)))
+    nii = _slices(prepare_slices(tmp_path / "n", tmp_path / "c2", percentiles=(0, 100)))
     np.testing.assert_allclose(dcm, nii.transpose(0, 2, 1), atol=1e-3)  # ITK's in-plane index order
 
 
@@ -69,7 +73,7 @@ def test_large_slices_downscaled_and_blank_slices_dropped(tmp_path):
     v[100:500, 50:250, 1:3] = 1.0  # slices 0 and 3 are blank
     _nifti(tmp_path / "d" / "v.nii.gz", v)
     index = prepare_slices(tmp_path / "d", tmp_path / "c", max_size=120)
-    arr = np.load(index[0]["image"])
+    arr = _slices(index)
     assert len(index) == 2 and arr.shape == (2, 120, 60)
 
 
@@ -119,7 +123,7 @@ def test_partly_nan_and_singleton_4d_volumes_are_usable(tmp_path):
     _nifti(tmp_path / "d" / "t1.nii.gz", _volume()[..., None])
     index = prepare_slices(tmp_path / "d", tmp_path / "c")
     assert len(index) == 12
-    assert all(np.isfinite(np.load(e["image"])).all() for e in index)
+    assert np.isfinite(_slices(index)).all()
 
 
 def test_global_batches_split_contiguously_and_resume_skips_batches():

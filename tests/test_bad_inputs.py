@@ -320,7 +320,8 @@ def test_cli_inspect_and_convert_refuse_bad_files_naming_them_and_write_nothing(
         (["inspect", str(tmp_path / "nope.pth")], [f"not found: {tmp_path / 'nope.pth'}", "local checkpoint"]),
         (["convert", str(nan), str(out / "x.pth"), "--to", "timm_samvit_b"], [str(nan), "check_finite=False"]),
         (["convert", str(tmp_path / "other.pth"), str(out / "x.pth"), "--to", "sam_vit_b"],
-         ["no conversion from layout unknown to sam_vit_b", "known: ['sam_vit_b', 'timm_samvit_b', 'torchvision_resnet50']"]),
+         ["no conversion from layout unknown to sam_vit_b",
+          "known: ['sam_vit_b', 'timm_samvit_b', 'torchvision_resnet50']"]),
     ]:
         code, err = _cli(capsys, "weights", *argv)
         assert code == 2 and err.startswith("lvmmed: error: "), err  # a message, not a traceback

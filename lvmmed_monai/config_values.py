@@ -6,8 +6,9 @@ layer (it imports nothing of the package), so encoders, data, engines and the CL
 from __future__ import annotations
 
 import os
+import sys
 
-__all__ = ["as_bool", "as_int", "optional_path", "missing_setting"]
+__all__ = ["as_bool", "as_int", "optional_path", "missing_setting", "progress_enabled"]
 
 
 def as_bool(value: bool | int | str) -> bool:
@@ -21,6 +22,14 @@ def as_bool(value: bool | int | str) -> bool:
     if text in ("false", "0", "no", "off", "none", "null", ""):
         return False
     raise ValueError(f"expected a boolean flag (true/false), got {value!r}")
+
+
+def progress_enabled(value: bool | int | str = "auto") -> bool:
+    """A ``progress_bar`` knob: ``auto`` (on when stdout and stderr, where tqdm writes, are a terminal, so CI
+    logs and redirected output get the summary lines only), or a boolean (``true``/``false``/``1``/``0``)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return sys.stdout.isatty() and sys.stderr.isatty()
+    return as_bool(value)
 
 
 def as_int(value: int | str, name: str, minimum: int = 1) -> int:

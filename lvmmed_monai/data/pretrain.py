@@ -30,7 +30,6 @@ import hashlib
 import logging
 import multiprocessing
 import os
-import sys
 import time
 from collections.abc import Hashable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -42,7 +41,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from tqdm import tqdm
 
-from lvmmed_monai.config_values import as_bool
+from lvmmed_monai.config_values import progress_enabled
 from lvmmed_monai.data.loading import PretrainDataError, collect_files, load_normalized
 from lvmmed_monai.data.slice_cache import (
     ShardWriter,
@@ -120,12 +119,6 @@ def _worker_init() -> None:
     torch.set_num_threads(1)  # the processes share the cores
 
 
-def _show(progress: bool | str) -> bool:
-    if isinstance(progress, str) and progress.strip().lower() == "auto":
-        return sys.stderr.isatty()
-    return as_bool(progress)
-
-
 def _prepare(files: list[dict], keys: list[str], cache: Path, options: dict, on_error: str,
              part: tuple[int, int], workers: int | None, progress: bool | str, shard_mb: float) -> int:
     """Decode the files of part ``part = (r, n)`` (every n-th from the r-th) not finished yet; their number."""
@@ -145,7 +138,7 @@ def _prepare(files: list[dict], keys: list[str], cache: Path, options: dict, on_
               str(cache / "shards"), f"{writer}-{s // per_task:06d}", options, on_error, int(shard_mb * 2**20))
              for s in range(0, len(todo), per_task)]
     desc = "preparing slices" + (f" (part {r}/{n})" if n > 1 else "")
-    bar = tqdm(total=len(todo), unit=" files", desc=desc, disable=not _show(progress), smoothing=0.05)
+    bar = tqdm(total=len(todo), unit=" files", desc=desc, disable=not progress_enabled(progress), smoothing=0.05)
     try:
         if workers == 1:
             for task in tasks:

@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,21 +24,13 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import ProgressBar
 
-from lvmmed_monai.config_values import as_bool
+from lvmmed_monai.config_values import progress_enabled
 from lvmmed_monai.io import atomic_open
 
 __all__ = ["progress_enabled", "every", "output_scalars", "TrainingProgressBar", "TrainingSummary",
            "format_duration"]
 
 logger = logging.getLogger(__name__)
-
-
-def progress_enabled(value: bool | int | str = "auto") -> bool:
-    """A bundle's ``progress_bar`` knob: ``auto`` (on when stdout and stderr, where tqdm writes, are a terminal,
-    so CI logs and redirected output get the epoch lines only), or a boolean (``true``/``false``/``1``/``0``)."""
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return sys.stdout.isatty() and sys.stderr.isatty()
-    return as_bool(value)
 
 
 def every(n: int | str, last: int | None = None) -> Any:

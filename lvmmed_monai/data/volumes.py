@@ -1,5 +1,6 @@
-"""3D datasets for the hybrid bundle: volume lists, image + label pairs, class folders, splits and a collate
-that pads volumes of different depths (the ``lengths`` the hybrid networks take).
+"""3D datasets for the hybrid bundle: volume lists, image + label pairs, class folders, splits, a collate
+that pads volumes of different depths (the ``lengths`` the hybrid networks take), and the checks of a loader
+whose batches mix single slices of many volumes (:func:`slice_loader`, :func:`mixed_batch_volumes`).
 
 A ``data`` argument is a folder, a single file, or a list (paths, or dicts with ``image`` and ``label``);
 ``None`` means the bundle's generated phantoms (:mod:`lvmmed_monai.demo.volumes`). Every problem the
@@ -20,18 +21,19 @@ import torch
 from monai.data import list_data_collate
 from monai.utils import convert_to_tensor
 
+from lvmmed_monai.config_values import as_int
 from lvmmed_monai.data.loading import IMAGE_EXTENSIONS, VOLUME_EXTENSIONS, VolumeDataError
 from lvmmed_monai.demo.volumes import CLASSIFICATION_CLASSES, write_phantom_volumes
 
 __all__ = ["VolumeDataError", "VOLUME_EXTENSIONS", "find_volumes", "volume_shape", "check_2d_or_3d",
            "volume_datalist", "segmentation_datalist", "classification_datalist", "split_train_val", "volume_data",
            "segmentation_data", "classification_data", "slice_first_indices", "PadDepthCollate", "check_2d",
-           "is_empty"]
+           "is_empty", "SLICE_LOADERS", "slice_loader", "mixed_batch_volumes"]
 
 Data = str | os.PathLike | Sequence[str | os.PathLike | Mapping[str, Any]] | None
 _IMAGE_DIRS, _LABEL_DIRS = ("images", "imagesTr"), ("labels", "labelsTr")
-
-
+# batches of runs of consecutive slices of whole volumes, or of single slices of many volumes
+SLICE_LOADERS = ("volumes", "mixed")
 
 
 def _is_volume(path: Path, extensions: tuple[str, ...] = VOLUME_EXTENSIONS) -> bool:
@@ -325,18 +327,50 @@ def slice_first_indices(slice_axis: int) -> list[int]:
     return [0, axis, *(i for i in (1, 2, 3) if i != axis)]
 
 
+def slice_loader(name: str, knob: str = "stage1_loader") -> str:
+    """A loader name of :data:`SLICE_LOADERS` (case-insensitive): ``volumes`` (each batch item a random run of
+    consecutive slices of one volume) or ``mixed`` (each batch item one slice; a batch holds
+    ``volumes_per_batch`` volumes x ``slices_per_volume`` slices, see :func:`mixed_batch_volumes`)."""
+    text = str(name).strip().lower()
+    if text not in SLICE_LOADERS:
+        raise ValueError(f"{knob} must be one of {list(SLICE_LOADERS)}, got {name!r}")
+    return text
+
+
+def mixed_batch_volumes(volumes_per_batch: int | str, num_volumes: int) -> int:
+    """``volumes_per_batch`` checked against the data's ``num_volumes``: the DataLoader batch size of the mixed
+    slice loader.
+
+    That loader is MONAI parts: ``RandSpatialCropSamplesd(roi_size=[1, -1, -1], num_samples=S)`` turns each
+    volume into ``S`` depth-1 items (slices drawn independently, i.e. with replacement: ``S`` may exceed the
+    depth, and a slice may come twice with its own two views), and a DataLoader of ``volumes_per_batch``
+    volumes (shuffled without replacement, ``drop_last``) gives batches of exactly ``volumes_per_batch x S``
+    slices of ``volumes_per_batch`` different volumes, flattened by :class:`PadDepthCollate`. Only the batch
+    size needs checking: more volumes per batch than the data has would leave no full batch (a DataLoader
+    runs an empty epoch without saying why).
+    """
+    count = as_int(volumes_per_batch, "volumes_per_batch")
+    if count > num_volumes:
+        raise VolumeDataError(f"volumes_per_batch={count} but the data has {num_volumes} volume(s): set "
+                              f"--volumes_per_batch {num_volumes} or fewer, give more volumes, or use "
+                              "--stage1_loader volumes")
+    return count
+
+
 class PadDepthCollate:
     """Collate ``(C, D_i, H, W)`` volumes of different depths: zero-pad ``keys`` at the end of the slice axis
     to the largest ``D`` and add ``lengths_key`` (``(B,)`` real depths), as the hybrid networks take them.
 
-    The padded keys become plain tensors; everything else is collated by MONAI's ``list_data_collate``.
+    The padded keys become plain tensors; everything else is collated by MONAI's ``list_data_collate``. A
+    batch of lists (the samples of a transform such as ``RandSpatialCropSamplesd``) is flattened first, as
+    ``list_data_collate`` does: ``B`` lists of ``S`` items give ``B * S`` volumes.
     """
 
     def __init__(self, keys: Sequence[str] = ("image",), lengths_key: str = "lengths") -> None:
         self.keys, self.lengths_key = tuple(keys), lengths_key
 
-    def __call__(self, batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        items = [dict(b) for b in batch]
+    def __call__(self, batch: Sequence[Mapping[str, Any] | Sequence[Mapping[str, Any]]]) -> dict[str, Any]:
+        items = [dict(b) for entry in batch for b in (entry if isinstance(entry, list) else [entry])]
         depths = []
         for item in items:
             vols = [convert_to_tensor(item[k], track_meta=False) for k in self.keys]

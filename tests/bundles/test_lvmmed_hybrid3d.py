@@ -1,11 +1,13 @@
 """The lvmmed_hybrid3d bundle end to end on tiny settings (CPU; the model zoo's steps: test_model_zoo.py): the
-three joint 2D-3D pretraining stages chained through their checkpoints, segmentation training -> inference (a
-NIfTI with the input's shape and affine, equal to the network's own prediction), classification on volumes of
-different depths, and clear errors for bad data."""
+three joint 2D-3D pretraining stages chained through their checkpoints (stage 1 on the loader that mixes slices
+of many volumes, whose batches are checked against volumes that encode where each slice came from),
+segmentation training -> inference (a NIfTI with the input's shape and affine, equal to the network's own
+prediction), classification on volumes of different depths, and clear errors for bad data."""
 
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -35,12 +37,15 @@ CKPT_KEYS = {"backbone", "criterion", "optimizer", "trainer", "rng"}
 
 @pytest.fixture(scope="module")
 def pretrained(module_tmp) -> dict:
-    """Stages 1, 2, 3 of pretrain.yaml, 2 iterations each (2 generated 32 x 32 x 6 phantoms, batch 1), each
-    stage starting from the previous one's checkpoint folder (the default)."""
+    """Stages 1, 2, 3 of pretrain.yaml, 2 iterations each (2 generated 32 x 32 x 6 phantoms), each stage starting
+    from the previous one's checkpoint folder (the default): stage 1 on the mixed slice loader (the default; 2
+    epochs of one batch of 2 volumes x 3 slices), stages 2 and 3 on the volume loader (batch 1, 1 epoch)."""
     out = module_tmp("pretrain")
     over = {**TINY, "output_dir": str(out), "num_phantoms": 2, "phantom_shape": [32, 32, 6], "image_size": 32,
-            "batch_size": 1, "max_epochs": 1, "num_prototypes": 16, "hidden_dim": 64, "ckpt_interval": 1}
-    logs = {stage: _ok(_run("pretrain.yaml", {**over, "stage": stage})) for stage in (1, 2, 3)}
+            "batch_size": 1, "max_epochs": 1, "num_prototypes": 16, "hidden_dim": 64, "ckpt_interval": 1,
+            "volumes_per_batch": 2, "slices_per_volume": 3}
+    stage_over = {1: {"max_epochs": 2}, 2: {}, 3: {}}
+    logs = {stage: _ok(_run("pretrain.yaml", {**over, **stage_over[stage], "stage": stage})) for stage in (1, 2, 3)}
     return {"out": out, "logs": logs}
 
 
@@ -63,6 +68,9 @@ def test_pretraining_stages_train_their_parts_and_chain_through_checkpoints(pret
         assert encoder.load_report.ok
         if stage > 1:
             assert f"started from {out / f'stage{stage - 1}' / 'checkpoints'}" in pretrained["logs"][stage].stdout
+        # stage 1's mixed loader: one batch of both volumes per epoch; stages 2 and 3: one volume per batch
+        epochs = json.loads((out / f"stage{stage}" / "report.json").read_text())["epochs"]
+        assert [(e["epoch"], e["iteration"]) for e in epochs] == ([(1, 1), (2, 2)] if stage == 1 else [(1, 2)])
 
     def part(stage: int, prefix: str) -> dict:
         return {k: v for k, v in final[stage]["backbone"].items() if k.startswith(prefix)}
@@ -74,6 +82,88 @@ def test_pretraining_stages_train_their_parts_and_chain_through_checkpoints(pret
     assert same(part(2, "encoder."), part(1, "encoder.")) and not same(part(2, "inter."), part(1, "inter."))
     # stage 3 trains both
     assert not same(part(3, "encoder."), part(2, "encoder.")) and not same(part(3, "inter."), part(2, "inter."))
+
+
+def _coded_volumes(folder: Path, count: int = 6, depth: int = 5, size: int = 8) -> Path:
+    """``count`` volumes ``(size, size, depth)``, zero but for one voxel per slice: slice ``z`` of volume ``v``
+    has a 1 at in-plane ``(v, z)``, so the bright pixel of any slice the loader gives says where it came from."""
+    for v in range(count):
+        volume = np.zeros((size, size, depth))
+        volume[v, np.arange(depth), np.arange(depth)] = 1
+        _save(volume, folder / f"v{v}.nii.gz")
+    return folder
+
+
+def _provenance(views: torch.Tensor) -> list[tuple[int, int]]:
+    """``(volume, slice)`` of each depth-1 item of ``views (N, 1, 1, H, W)``: its bright pixel's position."""
+    flat = views.reshape(views.shape[0], -1).argmax(1)
+    return [(int(i) // views.shape[-1], int(i) % views.shape[-1]) for i in flat]
+
+
+# augmentations off: each view is its slice, normalised; the window keeps the single bright voxel of a slice
+PLAIN_VIEWS = {"rotate_range": 0.0, "scale_range": 0.0, "translate_range": 0.0, "flip_prob": 0.0,
+               "intensity_scale": 0.0, "intensity_shift": 0.0, "contrast_gamma": [1.0, 1.0], "noise_std": 0.0,
+               "intensity_percentiles": [0, 100]}
+
+
+def _first_batch(data: Path, tmp_path: Path, **overrides) -> dict:
+    """The first batch of pretrain.yaml's training DataLoader on ``data`` (the config parsed in-process)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "pretrain.yaml"))
+    parser.update({"data": str(data), "output_dir": str(tmp_path / "out"), "image_size": 8, **overrides})
+    return next(iter(parser.get_parsed_content("train#dataloader")))
+
+
+def test_stage1_batches_mix_single_slices_of_many_volumes_each_with_its_own_two_views(tmp_path):
+    data = _coded_volumes(tmp_path / "data")
+    # 4 of the 6 volumes x 7 slices each (more than their 5: drawn with replacement)
+    batch = _first_batch(data, tmp_path, volumes_per_batch=4, slices_per_volume=7, **PLAIN_VIEWS)
+    assert batch["view_s"].shape == batch["view_t"].shape == (28, 1, 1, 8, 8)
+    assert batch["lengths"].tolist() == [1] * 28
+    torch.testing.assert_close(batch["view_s"], batch["view_t"], rtol=0, atol=0)  # both views from one slice
+    source = _provenance(batch["view_s"])
+    assert all(v < 6 and z < 5 for v, z in source)  # each item is a real slice (v, z) of volume v
+    volumes = [v for v, _ in source]
+    assert len(set(volumes)) == 4 and all(volumes.count(v) == 7 for v in set(volumes))
+    # with the view augmentations on (the defaults), each view of an item gets its own draw
+    batch = _first_batch(data, tmp_path, volumes_per_batch=4, slices_per_volume=7)
+    assert not torch.equal(batch["view_s"], batch["view_t"])
+    # stage 2 (and stage 1 with stage1_loader volumes) keeps the volume loader: runs of consecutive slices
+    for over in ({"stage": 2}, {"stage1_loader": "Volumes"}):
+        batch = _first_batch(data, tmp_path, batch_size=2, max_slices=3, **PLAIN_VIEWS, **over)
+        assert batch["view_s"].shape == (2, 1, 3, 8, 8) and batch["lengths"].tolist() == [3, 3]
+        for volume in batch["view_s"]:
+            source = _provenance(volume.transpose(0, 1))
+            assert len({v for v, _ in source}) == 1 and np.diff([z for _, z in source]).tolist() == [1, 1]
+
+
+def _causes(err: BaseException | None) -> list[BaseException]:
+    """An exception and its causes (MONAI wraps a failing config expression in a RuntimeError)."""
+    chain = []
+    while err is not None:
+        chain.append(err)
+        err = err.__cause__
+    return chain
+
+
+@pytest.mark.parametrize("overrides, error, message", [
+    ({"slices_per_volume": 0}, ValueError, "slices_per_volume must be an integer >= 1, got 0"),
+    ({"volumes_per_batch": 7}, VolumeDataError, "volumes_per_batch=7 but the data has 6 volume(s): set "
+                                                "--volumes_per_batch 6 or fewer, give more volumes, or use "
+                                                "--stage1_loader volumes"),
+    ({"volumes_per_batch": 0}, ValueError, "volumes_per_batch must be an integer >= 1, got 0"),
+    ({"stage1_loader": "slices"}, ValueError, "stage1_loader must be one of ['volumes', 'mixed'], got 'slices'"),
+])
+def test_mixed_slice_loader_knobs_fail_clearly(tmp_path, overrides, error, message):
+    data = _coded_volumes(tmp_path / "data")
+    with pytest.raises(RuntimeError) as info:
+        _first_batch(data, tmp_path, **overrides)
+    cause = _causes(info.value)[-1]
+    assert isinstance(cause, error) and message in str(cause), _causes(info.value)
+    if "volumes_per_batch" in overrides:  # the volume loader of stage 2 does not read it
+        assert _first_batch(data, tmp_path, stage=2, **overrides)["view_s"].shape[0] == 2
 
 
 def test_stage_without_previous_checkpoint_fails_clearly(tmp_path):
@@ -194,6 +284,10 @@ def test_padded_batches_carry_the_real_depths():
                                         {"image": torch.ones(1, 5, 4, 4), "label": 1}])
     assert batch["image"].shape == (2, 1, 5, 4, 4) and batch["lengths"].tolist() == [3, 5]
     assert batch["image"][0, :, 3:].abs().sum() == 0 and batch["label"].tolist() == [0, 1]
+    # lists of samples (RandSpatialCropSamplesd's) are flattened in order, as MONAI's list_data_collate does
+    samples = [[{"image": torch.full((1, 1, 4, 4), float(v * 10 + i))} for i in range(3)] for v in range(2)]
+    batch = PadDepthCollate(["image"])(samples)
+    assert batch["image"][:, 0, 0, 0, 0].tolist() == [0, 1, 2, 10, 11, 12] and batch["lengths"].tolist() == [1] * 6
 
 
 def test_generated_data_sets(tmp_path):

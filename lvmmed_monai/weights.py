@@ -560,7 +560,11 @@ def resolve_weights(
             raise ValueError(f"hf:// address must be hf://<owner>/<repo>/<filename>, got {text!r}")
         from huggingface_hub import hf_hub_download
 
-        path = Path(hf_hub_download(repo_id=repo_id, filename=filename, cache_dir=cache_dir))
+        # huggingface_hub reads HF_HUB_OFFLINE once, at its import: read it here too, so that setting it later
+        # in the process (a notebook, a test) still keeps the call off the network
+        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+        path = Path(hf_hub_download(repo_id=repo_id, filename=filename, cache_dir=cache_dir,
+                                    local_files_only=offline))
     elif urllib.parse.urlparse(text).scheme in ("http", "https", "file"):
         root = Path(cache_dir or os.environ.get("LVMMED_CACHE", Path.home() / ".cache" / "lvmmed"))
         path = root / (Path(urllib.parse.urlparse(text).path).name or "weights.pth")

@@ -39,6 +39,16 @@ def fails(proc: subprocess.CompletedProcess, *messages: str) -> None:
         assert message in proc.stderr, proc.stderr[-3000:]
 
 
+def causes(err: BaseException | None) -> list[BaseException]:
+    """An exception and its causes, outermost first (MONAI wraps a failing config expression in a
+    RuntimeError): the last one is what the library raised."""
+    chain = []
+    while err is not None:
+        chain.append(err)
+        err = err.__cause__
+    return chain
+
+
 def scalars(log_dir: Path, tag: str) -> dict[int, float]:
     """``{step: value}`` of a TensorBoard scalar over every event file in ``log_dir`` (trainer and evaluator
     write one file each; a later file wins on a repeated step)."""

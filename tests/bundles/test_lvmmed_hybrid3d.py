@@ -14,6 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from bundle_helpers import causes as _causes_of
 from bundle_helpers import ok as _ok
 from bundle_helpers import run_bundle
 from bundle_helpers import save_nifti as _save
@@ -139,15 +140,6 @@ def test_stage1_batches_mix_single_slices_of_many_volumes_each_with_its_own_two_
             assert len({v for v, _ in source}) == 1 and np.diff([z for _, z in source]).tolist() == [1, 1]
 
 
-def _causes(err: BaseException | None) -> list[BaseException]:
-    """An exception and its causes (MONAI wraps a failing config expression in a RuntimeError)."""
-    chain = []
-    while err is not None:
-        chain.append(err)
-        err = err.__cause__
-    return chain
-
-
 @pytest.mark.parametrize("overrides, error, message", [
     ({"slices_per_volume": 0}, ValueError, "slices_per_volume must be an integer >= 1, got 0"),
     ({"volumes_per_batch": 7}, VolumeDataError, "volumes_per_batch=7 but the data has 6 volume(s): set "
@@ -160,8 +152,8 @@ def test_mixed_slice_loader_knobs_fail_clearly(tmp_path, overrides, error, messa
     data = _coded_volumes(tmp_path / "data")
     with pytest.raises(RuntimeError) as info:
         _first_batch(data, tmp_path, **overrides)
-    cause = _causes(info.value)[-1]
-    assert isinstance(cause, error) and message in str(cause), _causes(info.value)
+    cause = _causes_of(info.value)[-1]
+    assert isinstance(cause, error) and message in str(cause), _causes_of(info.value)
     if "volumes_per_batch" in overrides:  # the volume loader of stage 2 does not read it
         assert _first_batch(data, tmp_path, stage=2, **overrides)["view_s"].shape[0] == 2
 

@@ -83,6 +83,8 @@ class LVMMedLoss(nn.Module):
         noise_scale: temperature of the Gumbel noise, ``tau * Gumbel(0, 1)`` (paper: 1; see ``imle_qap``).
         local_cost: False = ``c_v`` is the global cosine alone, at full weight ("w/o local").
         num_samples: IMLE noise samples per step. method: QAP solver (``solve_qap``'s registry).
+        solver_options: keyword options of that solver, e.g. ``{"tabu_iters": 25}`` for ``lvmmed`` (slower,
+            closer to the optimum on noise-dominated problems; ``benchmarks/qap_solver.py``).
         reduction: "mean" or "sum" of the per-graph Hamming losses over graphs (see the module docstring).
         imle_step: "per_graph" (lam per graph, independent of the batch) or "per_loss" (lam relative to the
             reduced loss's gradient: lam / G per graph with "mean"); see the module docstring.
@@ -124,6 +126,7 @@ class LVMMedLoss(nn.Module):
         imle_step: str = "per_graph",
         edge_form: str = "unit",
         gcn_form: str = "kipf",
+        solver_options: dict | None = None,
     ) -> None:
         super().__init__()
         if not 1 <= k < graph_size:
@@ -147,7 +150,7 @@ class LVMMedLoss(nn.Module):
         self.alpha, self.gamma, self.lam = alpha, gamma, lam
         self.second_order, self.gumbel, self.local_cost = second_order, gumbel, local_cost
         self.num_samples, self.method, self.reduction = num_samples, method, reduction
-        self.noise_scale = noise_scale
+        self.noise_scale, self.solver_options = noise_scale, dict(solver_options or {})
         self.check_inputs, self.max_local_elements = check_inputs, max_local_elements
         if edge_min_norm < 0:
             raise ValueError(f"edge_min_norm must be >= 0, got {edge_min_norm}")
@@ -269,6 +272,7 @@ class LVMMedLoss(nn.Module):
             noise="gumbel" if self.gumbel else "constant",
             noise_scale=self.noise_scale if noise_scale is None else noise_scale, num_samples=self.num_samples,
             second_order=second_order, method=self.method, generator=generator, check_inputs=self.check_inputs,
+            solver_options=self.solver_options,
         )
         per_graph = hamming_loss(x)
         loss = per_graph.mean() if self.reduction == "mean" else per_graph.sum()

@@ -115,6 +115,15 @@ def test_identical_views_are_matched_exactly():
     assert float(stats["objective"]) == pytest.approx(float(stats["identity_objective"]))
 
 
+def test_solver_options_reach_the_solver():
+    fs, ft, cs, ct = _maps()
+    out = LVMMedLoss(in_dim=D, solver_options={"tabu_iters": 20})(fs, ft, cs, ct)
+    out.loss.backward()
+    assert fs.grad is not None and bool(torch.isfinite(fs.grad).all())
+    with pytest.raises(TypeError, match="bogus"):
+        LVMMedLoss(in_dim=D, solver_options={"bogus": 1})(fs, ft, cs, ct)
+
+
 def test_imle_gradient_raises_the_gold_affinities():
     """Algorithm 1 with the Hamming loss: descent on c_v raises the diagonal and lowers wrong matches."""
     fs, ft, cs, ct = _maps(noise=2.0)

@@ -279,7 +279,6 @@ class _SwapSearch:
                     return
             self.step(idx // self.n, idx % self.n, imp)
 
-
     def tabu(self, iters: int, generator: torch.Generator, tenure: tuple[int, int] | None = None) -> Tensor:
         """Robust tabu search (Taillard 1991) for ``iters`` swaps from the current assignments; returns the best
         assignments seen ``(B, n)`` (the start included, so never worse than it).
@@ -372,6 +371,8 @@ def lvmmed_qap(
     ``K`` ``(G, n*n, n*n)`` -> ``(G, n, n)``.
     """
     g, dev = K.shape[0], K.device
+    if tabu_iters < 0 or tabu_searches < 1:
+        raise ValueError(f"need tabu_iters >= 0 and tabu_searches >= 1, got {tabu_iters} and {tabu_searches}")
     max_iter = 4 * n if max_iter is None else max_iter
     if num_random_starts is None:
         num_random_starts = min(64, max(0, int(5 * (16 / n) ** 3) - 5))
@@ -389,7 +390,7 @@ def lvmmed_qap(
     search = _SwapSearch(K, torch.arange(g, device=dev).repeat_interleave(s), starts.view(-1, n))
     scale = kd.abs().amax(1) + search.h.view(g, s, -1).abs().amax((1, 2))
     search.descend(max_iter, 1e-5 * scale.repeat_interleave(s) + 1e-30, early_exit)
-    m = min(max(1, tabu_searches), s) if tabu_iters > 0 else 1
+    m = min(tabu_searches, s) if tabu_iters > 0 else 1
     obj_s = search.obj.view(g, s)
     winners = obj_s.argmax(1, keepdim=True) if m == 1 else obj_s.topk(m, 1).indices  # (G, m)
     best = search.sigma.view(g, s, n).gather(1, winners[..., None].expand(-1, -1, n))

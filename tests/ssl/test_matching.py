@@ -237,6 +237,8 @@ def test_tabu_refinement_never_loses_and_helps_on_16_nodes():
     assert bool((tabu >= plain - 1e-4 * plain.abs()).all())
     assert float((tabu - plain).sum()) > 0
     assert torch.equal(solve_qap(K, 16, tabu_iters=10), solve_qap(K, 16, tabu_iters=10))  # seeded
+    with pytest.raises(ValueError, match="tabu_searches >= 1"):
+        solve_qap(K, 16, tabu_iters=10, tabu_searches=0)
 
 
 @pytest.mark.parametrize("method", ["rrwm", "ipfp", "sm", "lap"])

@@ -81,10 +81,10 @@ class LVMMedPretrainModel(nn.Module):
     the same criterion (projector, GCN, affinities of views of different sizes, IMLE); the loss is the mean
     over the global pair and the ``m`` global-local pairs. The statistics are those of the global pair.
 
-    ``local_level`` (``"layer1"`` .. ``"layer3"``, ResNet-50 only): the local cost of Eq. 3 compares the maps of
+    ``local_level`` (``"layer1"`` .. ``"layer4"``, ResNet-50 only): the local cost of Eq. 3 compares the maps of
     that stage instead of the last one. Why: at 64 px the last stage is 2 x 2, so its "local" cost is nearly a
-    second global term; layer3 is 4 x 4 there (the paper's 224 px views give layer4 7 x 7). None: the last stage,
-    as the paper.
+    second global term; layer3 is 4 x 4 there (the paper's 224 px views give layer4 7 x 7). A list of stages
+    (e.g. ``["layer2", "layer4"]``) makes the local cost the mean of theirs. None: the last stage, as the paper.
 
     Besides :class:`LVMMedLoss`'s statistics it reports ``retrieval_accuracy``: the share of images whose
     highest vertex affinity ``c_v`` (Eq. 3, no noise) is with their own other view. The matching
@@ -92,14 +92,18 @@ class LVMMedPretrainModel(nn.Module):
     affinities in [-1, 1]) even for good features; retrieval shows the features' progress directly.
     """
 
-    LOCAL_LEVELS = {"layer1": 1, "layer2": 2, "layer3": 3, "layer4": None}
+    LOCAL_LEVELS = {"layer1": 1, "layer2": 2, "layer3": 3, "layer4": 4}  # indices into level_maps
 
     def __init__(self, encoder: nn.Module, criterion: LVMMedLoss, world_size: int | None = None,
-                 local_level: str | None = None) -> None:
+                 local_level: str | Sequence[str] | None = None) -> None:
         super().__init__()
-        if local_level is not None and local_level not in self.LOCAL_LEVELS:
-            raise ValueError(f"local_level must be one of {sorted(self.LOCAL_LEVELS)} or None, got {local_level!r}")
-        self.local_index = self.LOCAL_LEVELS.get(local_level)  # None: the last stage
+        names = [] if local_level is None else [local_level] if isinstance(local_level, str) else list(local_level)
+        bad = [name for name in names if name not in self.LOCAL_LEVELS]
+        if bad or (local_level is not None and not names):
+            raise ValueError(f"local_level must be one of {sorted(self.LOCAL_LEVELS)}, a list of them, or None; got "
+                             f"{local_level!r}")
+        # None: the last stage serves the local cost (the paper); else the indices of level_maps' stages
+        self.local_index = None if names in ([], ["layer4"]) else [self.LOCAL_LEVELS[name] for name in names]
         if self.local_index is not None and not isinstance(encoder, ResNetFeatures):
             raise ValueError(f"local_level={local_level!r} needs a ResNet encoder (stage maps); "
                              f"{type(encoder).__name__} has one feature map: leave local_level null")
@@ -122,7 +126,7 @@ class LVMMedPretrainModel(nn.Module):
         if image_s.shape == image_t.shape:  # one encoder pass for both views
             feats, maps = self._features(torch.cat([image_s, image_t]))
             feats_s, feats_t = feats.split(n)
-            maps_s, maps_t = maps.split(n) if maps is not None else (None, None)
+            maps_s, maps_t = _chunks(maps, n) if maps is not None else (None, None)
         else:
             (feats_s, maps_s), (feats_t, maps_t) = self._features(image_s), self._features(image_t)
         aff = self.criterion.affinities(feats_s, feats_t, coords_s, coords_t, maps_s, maps_t)
@@ -133,7 +137,7 @@ class LVMMedPretrainModel(nn.Module):
             same = len({tuple(im.shape) for im in local_images}) == 1
             if same:
                 f_all, m_all = self._features(torch.cat(list(local_images)))
-                m_split = m_all.split(n) if m_all is not None else [None] * len(local_images)
+                m_split = _chunks(m_all, n) if m_all is not None else [None] * len(local_images)
                 feats_l = list(zip(f_all.split(n), m_split, strict=True))
             else:
                 feats_l = [self._features(im) for im in local_images]
@@ -152,13 +156,18 @@ class LVMMedPretrainModel(nn.Module):
         return LVMMedLossOutput(loss, stats)
 
 
-    def _features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The last stage's maps (projector and global cost) and, with ``local_level``, that stage's maps (local
-        cost; None otherwise: the last stage serves both)."""
+    def _features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """The last stage's maps (projector and global cost) and, with ``local_level``, the maps of its stages
+        (local cost; None otherwise: the last stage serves both)."""
         if self.local_index is None:
             return self.encoder.feature_map(x), None
         levels = self.encoder.level_maps(x)
-        return levels[-1], levels[self.local_index]
+        return levels[-1], [levels[i] for i in self.local_index]
+
+
+def _chunks(maps: list[torch.Tensor], n: int) -> list[list[torch.Tensor]]:
+    """Stage maps of ``k * n`` images -> ``k`` lists of the stages' maps of ``n`` images each."""
+    return [list(chunk) for chunk in zip(*(m.split(n) for m in maps), strict=True)]
 
 
 class RNGState:

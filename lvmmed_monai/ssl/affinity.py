@@ -25,6 +25,7 @@ uses a stable sort, so the result is deterministic.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -185,14 +186,16 @@ def local_affinity(
 
 
 def vertex_affinity(
-    zs: Tensor, zt: Tensor, ys: Tensor | None = None, yt: Tensor | None = None,
-    pos_s: Tensor | None = None, pos_t: Tensor | None = None, alpha: float = 0.8, gamma: int | float = 20,
-    eps: float = EPS, max_elements: int = 2**24,
+    zs: Tensor, zt: Tensor, ys: Tensor | Sequence[Tensor] | None = None, yt: Tensor | Sequence[Tensor] | None = None,
+    pos_s: Tensor | Sequence[Tensor] | None = None, pos_t: Tensor | Sequence[Tensor] | None = None,
+    alpha: float = 0.8, gamma: int | float = 20, eps: float = EPS, max_elements: int = 2**24,
 ) -> Tensor:
     """Vertex affinity of Eq. 3, ``(G, n, n)``: ``alpha * c^gl + (1 - alpha) * (c^lo(i->a) + c^lo(a->i))``.
 
     Without feature maps (``ys is None``, the paper's "w/o local" ablation) it is the global cosine alone,
     at full weight, so the vertex term keeps its scale against the edge term and the solver's noise.
+    ``ys``, ``yt``, ``pos_s``, ``pos_t`` may be sequences, one entry per feature level (e.g. two encoder
+    stages): the local term is then the mean of the levels' local terms (not in the paper, which uses one).
     See :func:`global_affinity` and :func:`local_affinity` for the arguments.
     """
     glob = global_affinity(zs, zt, eps)
@@ -200,4 +203,8 @@ def vertex_affinity(
         return glob
     if yt is None or pos_s is None or pos_t is None:
         raise ValueError("the local cost needs yt, pos_s and pos_t together with ys")
-    return alpha * glob + (1.0 - alpha) * local_affinity(ys, yt, pos_s, pos_t, gamma, eps, max_elements)
+    levels = [(ys, yt, pos_s, pos_t)] if isinstance(ys, Tensor) else list(zip(ys, yt, pos_s, pos_t, strict=True))
+    if not levels:
+        raise ValueError("the local cost got an empty list of feature levels")
+    local = sum(local_affinity(*level, gamma, eps, max_elements) for level in levels) / len(levels)
+    return alpha * glob + (1.0 - alpha) * local

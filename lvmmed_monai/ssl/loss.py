@@ -24,6 +24,7 @@ global batch (``lvmmed_monai.engines`` does this).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -210,37 +211,44 @@ class LVMMedLoss(nn.Module):
         feats_t: Tensor,
         coords_s: Tensor | None = None,
         coords_t: Tensor | None = None,
-        local_s: Tensor | None = None,
-        local_t: Tensor | None = None,
+        local_s: Tensor | Sequence[Tensor] | None = None,
+        local_t: Tensor | Sequence[Tensor] | None = None,
     ) -> GraphAffinities:
         """Projector, kNN graphs, GCN and the affinities of Eq. 3-4 (float32, autocast off).
 
         ``local_s`` / ``local_t``: ``(N, C, R', S')`` maps for the local cost instead of ``feats_s`` /
         ``feats_t`` (e.g. an earlier encoder stage, finer than the last one on small images); both or neither.
+        A sequence of such maps per view (e.g. two stages) makes the local cost the mean over them.
         """
         self._check(feats_s, feats_t, coords_s, coords_t)
         if (local_s is None) != (local_t is None):
             raise ValueError("give local_s and local_t together (the local cost's maps of both views), or neither")
         if local_s is not None:
-            for name, m, f in (("local_s", local_s, feats_s), ("local_t", local_t, feats_t)):
-                if m.dim() != 4 or m.shape[0] != f.shape[0] or m.shape[1] != local_s.shape[1]:
-                    raise ValueError(f"{name} must be (N={f.shape[0]}, C, R, S) maps with the channels of "
-                                     f"local_s, got {tuple(m.shape)}")
+            local_s, local_t = ([m] if isinstance(m, Tensor) else list(m) for m in (local_s, local_t))
+            if len(local_s) != len(local_t) or not local_s:
+                raise ValueError(f"local_s and local_t must hold the same number (>= 1) of maps, got "
+                                 f"{len(local_s)} and {len(local_t)}")
+            for ms, mt in zip(local_s, local_t, strict=True):
+                for name, m, f in (("local_s", ms, feats_s), ("local_t", mt, feats_t)):
+                    if m.dim() != 4 or m.shape[0] != f.shape[0] or m.shape[1] != ms.shape[1]:
+                        raise ValueError(f"{name} must be (N={f.shape[0]}, C, R, S) maps with the channels of "
+                                         f"local_s, got {tuple(m.shape)}")
         g, n = feats_s.shape[0] // self.graph_size, self.graph_size
         with torch.autocast(device_type=feats_s.device.type, enabled=False):
             ys, yt = feats_s.float(), feats_t.float()
             pooled = [ys.mean((2, 3)), yt.mean((2, 3))]  # Avg of Sec. 3.2.1, (N, D)
             local = {}
             if self.local_cost:
-                ms, mt = (ys, yt) if local_s is None else (local_s.float(), local_t.float())
-                local = {
-                    "ys": ms.flatten(2).transpose(1, 2).reshape(g, n, -1, ms.shape[1]),  # (G, n, P, D)
-                    "yt": mt.flatten(2).transpose(1, 2).reshape(g, n, -1, mt.shape[1]),
-                    "pos_s": self._positions(coords_s, ms, g, n),
-                    "pos_t": self._positions(coords_t, mt, g, n),
+                pairs = [(ys, yt)] if local_s is None else zip(local_s, local_t, strict=True)
+                levels = [(a.float(), b.float()) for a, b in pairs]
+                local = {  # one (G, n, P, D) map and its (G, n, P, 2) positions per level and view
+                    "ys": [ms.flatten(2).transpose(1, 2).reshape(g, n, -1, ms.shape[1]) for ms, _ in levels],
+                    "yt": [mt.flatten(2).transpose(1, 2).reshape(g, n, -1, mt.shape[1]) for _, mt in levels],
+                    "pos_s": [self._positions(coords_s, ms, g, n) for ms, _ in levels],
+                    "pos_t": [self._positions(coords_t, mt, g, n) for _, mt in levels],
                 }
             if self.check_inputs:
-                self._check_values(pooled, [local["pos_s"], local["pos_t"]] if local else [])
+                self._check_values(pooled, [*local["pos_s"], *local["pos_t"]] if local else [])
             z = torch.cat([self.projector(pooled[0]), self.projector(pooled[1])])
             z_hat, edges = self._graphs(z.view(2 * g, n, -1))
             zs, zt = z_hat[:g], z_hat[g:]

@@ -331,3 +331,50 @@ def test_local_level_takes_the_local_cost_from_that_resnet_stage():
 
     with pytest.raises(ValueError, match="needs a ResNet encoder"):
         LVMMedPretrainModel(OneMap(), model.criterion, world_size=1, local_level="layer2")
+
+
+def test_local_cost_on_several_stages_is_the_mean_of_their_local_terms():
+    """local_level=["layer2", "layer4"]: c_v = alpha * global + (1 - alpha) * (local(layer2) + local(layer4)) / 2,
+    each local term Eq. 3's on that stage; a one-stage list equals the plain form exactly."""
+    from lvmmed_monai.encoders import LVMMedResNet50
+    from lvmmed_monai.engines import LVMMedPretrainModel
+    from lvmmed_monai.ssl.affinity import global_affinity, local_affinity
+
+    torch.manual_seed(0)
+    enc = LVMMedResNet50().eval()
+    crit = LVMMedLoss(in_dim=2048, graph_size=8, k=3, gumbel=False, gamma=4)
+    model = LVMMedPretrainModel(enc, crit, world_size=1, local_level=["layer2", "layer4"])
+    g = torch.Generator().manual_seed(1)
+    img_s, img_t = torch.rand(16, 3, 64, 64, generator=g), torch.rand(16, 3, 64, 64, generator=g)
+    c_s, c_t = torch.rand(16, 2, 64, 64, generator=g), torch.rand(16, 2, 64, 64, generator=g)
+    loss, _ = model(img_s, img_t, c_s, c_t)
+    with torch.no_grad():
+        levels = [m.split(16) for m in enc(torch.cat([img_s, img_t]))]
+    (f_s, f_t), (l2_s, l2_t) = levels[4], levels[2]
+    assert l2_s.shape[-2:] == (8, 8)
+    expected = crit(f_s, f_t, c_s, c_t, local_s=[l2_s, f_s], local_t=[l2_t, f_t]).loss
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    loss.backward()
+    assert enc.layer2[0].conv1.weight.grad.abs().sum() > 0
+
+    with torch.no_grad():
+        aff = crit.affinities(f_s, f_t, c_s, c_t, [l2_s, f_s], [l2_t, f_t])
+        one = crit.affinities(f_s, f_t, c_s, c_t)  # the last stage alone, as the paper
+        z = torch.cat([crit.projector(f_s.mean((2, 3))), crit.projector(f_t.mean((2, 3)))])
+        z_hat, _ = crit._graphs(z.view(4, 8, -1))
+
+        def local(ms: torch.Tensor, mt: torch.Tensor) -> torch.Tensor:
+            flat = [m.flatten(2).transpose(1, 2).reshape(2, 8, -1, m.shape[1]) for m in (ms, mt)]
+            pos = [crit._positions(c, m, 2, 8) for c, m in ((c_s, ms), (c_t, mt))]
+            return local_affinity(*flat, *pos, gamma=4)
+
+        glob = global_affinity(z_hat[:2], z_hat[2:])
+        by_hand = 0.8 * glob + 0.2 * (local(l2_s, l2_t) + local(f_s, f_t)) / 2
+        torch.testing.assert_close(aff.c_v, by_hand, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(one.c_v, 0.8 * glob + 0.2 * local(f_s, f_t), rtol=1e-5, atol=1e-6)
+        assert torch.equal(crit.affinities(f_s, f_t, c_s, c_t, [l2_s], [l2_t]).c_v,
+                           crit.affinities(f_s, f_t, c_s, c_t, l2_s, l2_t).c_v)
+    with pytest.raises(ValueError, match="same number"):
+        crit.affinities(f_s, f_t, c_s, c_t, [l2_s, f_s], [l2_t])
+    with pytest.raises(ValueError, match="local_level must be one of"):
+        LVMMedPretrainModel(enc, crit, world_size=1, local_level=[])

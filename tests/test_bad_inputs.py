@@ -23,6 +23,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from bundle_helpers import causes
 
 from lvmmed_monai import weights as W
 from lvmmed_monai.data.loading import CheckedLoadImaged, PretrainDataError, VolumeDataError, image_value_problem
@@ -271,9 +272,7 @@ def test_seg_inference_refuses_nan_and_constant_volumes_naming_the_file(tmp_path
     out = tmp_path / "out"
     with pytest.raises(RuntimeError) as err:  # MONAI's Compose names the transform, our error is its cause
         _infer([good, bad], out, seg_model)
-    cause: BaseException | None = err.value
-    while cause is not None and not isinstance(cause, VolumeDataError):
-        cause = cause.__cause__
+    cause = next((c for c in causes(err.value) if isinstance(c, VolumeDataError)), None)
     assert cause is not None, err.value
     assert str(cause).startswith(f"{bad}: {message}") and "Remove it from the data" in str(cause)
     assert sorted(p.name for p in out.iterdir()) == ["a_good_seg.nii.gz"]  # complete; nothing for the bad one
@@ -428,9 +427,7 @@ def test_seg_bundle_refuses_bad_data_before_writing_anything(tmp_path, case, con
     parser.update({"data": str(make(tmp_path / "data")), "output_dir": str(out)})
     with pytest.raises(Exception) as err:
         parser.get_parsed_content("datalists" if config == "train.yaml" else "datalist")
-    cause: BaseException | None = err.value
-    while cause is not None and not isinstance(cause, VolumeDataError):
-        cause = cause.__cause__
+    cause = next((c for c in causes(err.value) if isinstance(c, VolumeDataError)), None)
     assert cause is not None, err.value
     assert all(m in str(cause) for m in messages), str(cause)
     assert not out.exists()

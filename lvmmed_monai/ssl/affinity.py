@@ -185,17 +185,32 @@ def local_affinity(
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+def check_local_weights(local_weights: Sequence[float] | None, levels: int) -> list[float]:
+    """The weights of ``levels`` local terms: ``None`` -> their mean; else one finite weight >= 0 per level,
+    not all zero."""
+    if local_weights is None:
+        return [1.0 / levels] * levels
+    weights = [float(w) for w in local_weights]
+    if len(weights) != levels or not all(math.isfinite(w) and w >= 0 for w in weights) or not any(weights):
+        raise ValueError(f"local_weights must hold one finite weight >= 0 per local level ({levels}), not all "
+                         f"zero; got {list(local_weights)!r}: give as many weights as local_level has stages")
+    return weights
+
+
 def vertex_affinity(
     zs: Tensor, zt: Tensor, ys: Tensor | Sequence[Tensor] | None = None, yt: Tensor | Sequence[Tensor] | None = None,
     pos_s: Tensor | Sequence[Tensor] | None = None, pos_t: Tensor | Sequence[Tensor] | None = None,
     alpha: float = 0.8, gamma: int | float = 20, eps: float = EPS, max_elements: int = 2**24,
+    local_weights: Sequence[float] | None = None,
 ) -> Tensor:
     """Vertex affinity of Eq. 3, ``(G, n, n)``: ``alpha * c^gl + (1 - alpha) * (c^lo(i->a) + c^lo(a->i))``.
 
     Without feature maps (``ys is None``, the paper's "w/o local" ablation) it is the global cosine alone,
     at full weight, so the vertex term keeps its scale against the edge term and the solver's noise.
     ``ys``, ``yt``, ``pos_s``, ``pos_t`` may be sequences, one entry per feature level (e.g. two encoder
-    stages): the local term is then the mean of the levels' local terms (not in the paper, which uses one).
+    stages): the local term is then the mean of the levels' local terms (not in the paper, which uses one), or
+    with ``local_weights`` (one weight >= 0 per level) their weighted sum, e.g. ``[1, 1]`` keeps the paper's
+    last-stage term at full weight and adds an earlier stage's beside it.
     See :func:`global_affinity` and :func:`local_affinity` for the arguments.
     """
     glob = global_affinity(zs, zt, eps)
@@ -206,5 +221,6 @@ def vertex_affinity(
     levels = [(ys, yt, pos_s, pos_t)] if isinstance(ys, Tensor) else list(zip(ys, yt, pos_s, pos_t, strict=True))
     if not levels:
         raise ValueError("the local cost got an empty list of feature levels")
-    local = sum(local_affinity(*level, gamma, eps, max_elements) for level in levels) / len(levels)
+    weights = check_local_weights(local_weights, len(levels))
+    local = sum(w * local_affinity(*level, gamma, eps, max_elements) for w, level in zip(weights, levels, strict=True))
     return alpha * glob + (1.0 - alpha) * local

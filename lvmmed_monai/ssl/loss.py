@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from lvmmed_monai.data.views import pool_coords
-from lvmmed_monai.ssl.affinity import EDGE_FORMS, edge_affinity, num_kept, vertex_affinity
+from lvmmed_monai.ssl.affinity import EDGE_FORMS, check_local_weights, edge_affinity, num_kept, vertex_affinity
 from lvmmed_monai.ssl.graph import GCN, GCN_FORMS, Projector, knn_adjacency, knn_graph, normalized_adjacency
 from lvmmed_monai.ssl.imle import STEP_KINDS, NoiseKey, hamming_loss, imle_qap
 from lvmmed_monai.ssl.matching import pair_products
@@ -100,6 +100,8 @@ class LVMMedLoss(nn.Module):
         gcn_form: "kipf" (default: symmetric kNN adjacency, ``D~`` from ``A + I``, no activation after the
             last layer) or "paper" (Eq. 1 literally: directed kNN ``A``, ``D~`` from ``A``, ``sigma`` after
             every layer); see :mod:`lvmmed_monai.ssl.graph`.
+        local_weights: with several local maps (``affinities``' ``local_s`` lists, e.g. two encoder stages),
+            one weight per map: the local term is their weighted sum; None: their mean.
     """
 
     def __init__(
@@ -128,6 +130,7 @@ class LVMMedLoss(nn.Module):
         edge_form: str = "unit",
         gcn_form: str = "kipf",
         solver_options: dict | None = None,
+        local_weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         if not 1 <= k < graph_size:
@@ -143,6 +146,9 @@ class LVMMedLoss(nn.Module):
             raise ValueError(f"edge_form must be one of {list(EDGE_FORMS)} and gcn_form one of {list(GCN_FORMS)}, "
                              f"got {edge_form!r} and {gcn_form!r}")
         self.imle_step, self.edge_form, self.gcn_form = imle_step, edge_form, gcn_form
+        if local_weights is not None:
+            check_local_weights(local_weights, len(local_weights))
+        self.local_weights = None if local_weights is None else [float(w) for w in local_weights]
         num_kept(gamma, 1)  # validates gamma
         self.projector = Projector(in_dim, proj_dim, projector_hidden_dim)
         self.gcn = (GCN(proj_dim, gcn_dim, gcn_dim, num_layers=2, final_activation=GCN_FORMS[gcn_form][2])
@@ -218,7 +224,8 @@ class LVMMedLoss(nn.Module):
 
         ``local_s`` / ``local_t``: ``(N, C, R', S')`` maps for the local cost instead of ``feats_s`` /
         ``feats_t`` (e.g. an earlier encoder stage, finer than the last one on small images); both or neither.
-        A sequence of such maps per view (e.g. two stages) makes the local cost the mean over them.
+        A sequence of such maps per view (e.g. two stages) makes the local cost the mean over them (or their sum
+        weighted by ``local_weights``).
         """
         self._check(feats_s, feats_t, coords_s, coords_t)
         if (local_s is None) != (local_t is None):
@@ -253,7 +260,7 @@ class LVMMedLoss(nn.Module):
             z_hat, edges = self._graphs(z.view(2 * g, n, -1))
             zs, zt = z_hat[:g], z_hat[g:]
             c_v = vertex_affinity(zs, zt, **local, alpha=self.alpha, gamma=self.gamma,
-                                  max_elements=self.max_local_elements)
+                                  max_elements=self.max_local_elements, local_weights=self.local_weights)
             c_e = edge_affinity(zs, zt, edges[:g], edges[g:], min_norm=self.edge_min_norm, form=self.edge_form)
         return GraphAffinities(c_v, c_e, edges[:g], edges[g:])
 

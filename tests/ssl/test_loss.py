@@ -335,7 +335,8 @@ def test_local_level_takes_the_local_cost_from_that_resnet_stage():
 
 def test_local_cost_on_several_stages_is_the_mean_of_their_local_terms():
     """local_level=["layer2", "layer4"]: c_v = alpha * global + (1 - alpha) * (local(layer2) + local(layer4)) / 2,
-    each local term Eq. 3's on that stage; a one-stage list equals the plain form exactly."""
+    each local term Eq. 3's on that stage; a one-stage list equals the plain form exactly; local_weights make
+    it the weighted sum; bad weights are refused."""
     from lvmmed_monai.encoders import LVMMedResNet50
     from lvmmed_monai.engines import LVMMedPretrainModel
     from lvmmed_monai.ssl.affinity import global_affinity, local_affinity
@@ -374,6 +375,18 @@ def test_local_cost_on_several_stages_is_the_mean_of_their_local_terms():
         torch.testing.assert_close(one.c_v, 0.8 * glob + 0.2 * local(f_s, f_t), rtol=1e-5, atol=1e-6)
         assert torch.equal(crit.affinities(f_s, f_t, c_s, c_t, [l2_s], [l2_t]).c_v,
                            crit.affinities(f_s, f_t, c_s, c_t, l2_s, l2_t).c_v)
+        # local_weights: the weighted sum of the stages' terms instead of their mean
+        weighted = LVMMedLoss(in_dim=2048, graph_size=8, k=3, gumbel=False, gamma=4, local_weights=[1.0, 0.5])
+        weighted.load_state_dict(crit.state_dict())
+        aff_w = weighted.affinities(f_s, f_t, c_s, c_t, [l2_s, f_s], [l2_t, f_t])
+        torch.testing.assert_close(aff_w.c_v, 0.8 * glob + 0.2 * (local(l2_s, l2_t) + 0.5 * local(f_s, f_t)),
+                                   rtol=1e-5, atol=1e-6)
+        with pytest.raises(ValueError, match=r"one finite weight >= 0 per local level \(2\)"):
+            LVMMedLoss(in_dim=2048, graph_size=8, k=3, local_weights=[1.0]).affinities(
+                f_s, f_t, c_s, c_t, [l2_s, f_s], [l2_t, f_t])
+    for bad in ([1.0, -0.5], [0.0, 0.0], [float("nan"), 1.0]):
+        with pytest.raises(ValueError, match="local_weights must hold"):
+            LVMMedLoss(in_dim=2048, graph_size=8, k=3, local_weights=bad)
     with pytest.raises(ValueError, match="same number"):
         crit.affinities(f_s, f_t, c_s, c_t, [l2_s, f_s], [l2_t])
     with pytest.raises(ValueError, match="local_level must be one of"):

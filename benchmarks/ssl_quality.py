@@ -32,6 +32,7 @@ another brain, the INIA19 macaque T1 template (``--unlabelled colin`` leaves it 
 ...): the way to try a change at the same budget. ``--probe-every N`` also probes each objective's encoder
 every N iterations (effective rank and probe accuracy over training). The last line printed is
 ``gain over random: X.X  gain over InfoNCE: Y.Y`` (linear-probe points of ``gm`` on region classification).
+``--from-saved`` evaluates the encoders of an earlier run again (e.g. after a probe changed) without training.
 """
 
 from __future__ import annotations
@@ -70,6 +71,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--templates", default="/usr/share/mricron/templates")
     p.add_argument("--out", default="outputs/ssl_quality")
+    p.add_argument("--seg-probe", choices=["lbfgs", "adam"], default="lbfgs",
+                   help="optimiser of the segmentation linear probe: L-BFGS to its objective's minimiser (default) "
+                        "or the earlier Adam probe (300 steps; docs/ssl.md's tables before the switch)")
+    p.add_argument("--from-saved", action="store_true",
+                   help="train nothing: evaluate the encoders an earlier run saved in --out (<out>/<method>/"
+                        "encoder.pt, same --seed and --set) with this version's probes; writes reevaluated.json; the "
+                        "random init is evaluated only when --methods lists random")
     return p.parse_args()
 
 
@@ -189,7 +197,9 @@ def evaluate(state: dict, tasks: dict, args: argparse.Namespace, finetune: bool 
     if finetune:
         s = tasks["seg"]
         n = len(tasks["names"]) + 1
-        res["seg_linear"] = segmentation_probe_dice(encoder, mean, std, *s, num_classes=n, seed=args.seed)
+        res["seg_linear"] = segmentation_probe_dice(encoder, mean, std, *s, num_classes=n, seed=args.seed,
+                                                    optimizer=args.seg_probe,
+                                                    steps=500 if args.seg_probe == "lbfgs" else 300)
         if args.finetune_steps:
             res["seg_finetune"] = finetune_segmentation_dice(state, mean, std, *s, num_classes=n,
                                                              steps=args.finetune_steps, seed=args.seed)
@@ -228,6 +238,10 @@ def main() -> None:
     standard_state = standard.state_dict()
     if any(not torch.equal(v, standard_state[k]) for k, v in inits["random"].items()):
         inits["random (standard init)"] = standard_state
+    methods = args.methods.split(",")
+    if args.from_saved and "random" not in methods:
+        inits = {}  # the random-init rows of this seed are another run's (list "random" to evaluate them)
+    methods = [m for m in methods if m != "random"]
     for name, state in inits.items():
         results[name] = evaluate({k: v.clone() for k, v in state.items()}, tasks, args)
         print(f"  {name}: {results[name]}", flush=True)
@@ -236,15 +250,22 @@ def main() -> None:
         r = evaluate({k: v.detach().cpu() for k, v in encoder.state_dict().items()}, tasks, args, finetune=False)
         return {"probe_linear": r["linear"], "probe_knn": r["knn"], "rank": r["rank"]}
 
-    for method in args.methods.split(","):
+    for method in methods:
         t0 = time.perf_counter()
-        state, logs[method] = pretrain(method, args, data, out / method, probe=probe)
-        with atomic_open(out / method / "encoder.pt") as fh:
-            torch.save(state, fh)
+        if args.from_saved:
+            path = out / method / "encoder.pt"
+            if not path.is_file():
+                print(f"  {method}: skipped, no {path} (run without --from-saved to train it)", flush=True)
+                continue
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            state, logs[method] = pretrain(method, args, data, out / method, probe=probe)
+            with atomic_open(out / method / "encoder.pt") as fh:
+                torch.save(state, fh)
         results[method] = evaluate(state, tasks, args)
         results[method]["minutes"] = (time.perf_counter() - t0) / 60
         print(f"  {method}: {results[method]}", flush=True)
-    with atomic_open(out / "results.json", "w") as fh:
+    with atomic_open(out / ("reevaluated.json" if args.from_saved else "results.json"), "w") as fh:
         json.dump({"args": vars(args), "results": results, "logs": logs}, fh, indent=1)
     cols = [("knn", "region kNN"), ("linear", "region linear"), ("rank", "eff. rank"),
             ("seg_linear", "seg linear Dice"), ("seg_finetune", "seg fine-tune Dice")]
@@ -253,7 +274,8 @@ def main() -> None:
         print(f"{name:<22}" + "".join(f"{r.get(k, float('nan')):>20.3f}" for k, _ in cols))
     print(f"wall time {(time.perf_counter() - start) / 60:.1f} min")
     gm = results.get("gm", {}).get("linear", float("nan"))
-    gain_random = 100 * (gm - max(r["linear"] for name, r in results.items() if name.startswith("random")))
+    gain_random = 100 * (gm - max((r["linear"] for name, r in results.items() if name.startswith("random")),
+                                  default=float("nan")))
     gain_infonce = 100 * (gm - results.get("infonce", {}).get("linear", float("nan")))
     print(f"gain over random: {gain_random:.1f}  gain over InfoNCE: {gain_infonce:.1f}")
 

@@ -184,15 +184,24 @@ def mean_dice(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> flo
 
 def segmentation_probe_dice(
     encoder: nn.Module, mean: tuple, std: tuple, train_x: torch.Tensor, train_y: torch.Tensor,
-    test_x: torch.Tensor, test_y: torch.Tensor, num_classes: int, steps: int = 300, stride: int = 8,
-    lr: float = 0.05, weight_decay: float = 1e-4, seed: int = 0,
+    test_x: torch.Tensor, test_y: torch.Tensor, num_classes: int, steps: int = 500, stride: int = 8,
+    lr: float = 0.05, weight_decay: float = 1e-4, seed: int = 0, optimizer: str = "lbfgs",
 ) -> float:
     """Linear segmentation probe on a frozen encoder: a 1x1 convolution on its hypercolumn features (all stages,
-    resized to ``1 / stride`` of the input and standardised), logits upsampled bilinearly, cross-entropy with
-    Adam for ``steps`` full-batch steps; returns the test mean Dice (:func:`mean_dice`).
+    resized to ``1 / stride`` of the input and standardised), logits upsampled bilinearly, pixel-wise
+    cross-entropy plus the L2 penalty ``weight_decay / 2 * |W|^2``; returns the test mean Dice (:func:`mean_dice`).
+
+    ``optimizer="lbfgs"`` (default) minimises that convex objective with full-batch L-BFGS (strong Wolfe line
+    search, ``steps`` iterations, zero start, float64), as :func:`linear_probe_accuracy` does: the answer is
+    the objective's minimiser, not a point on an optimiser's path. ``"adam"`` is the probe before that (Adam,
+    ``lr``, ``steps`` full-batch steps from a seeded ``0.01`` start; earlier tables in docs/ssl.md used it with
+    300 steps): at ``lr`` 0.05 its training loss jumps by 10-40x late in the run, so its Dice depended on the
+    step it stopped at and even on the thread count (docs/ssl.md).
 
     Why hypercolumns: a 64 px input gives ResNet-50 a 2 x 2 last stage, too coarse alone for a label map.
     """
+    if optimizer not in ("lbfgs", "adam"):
+        raise ValueError(f"optimizer must be 'lbfgs' or 'adam', got {optimizer!r}")
     h, w = train_x.shape[-2:]
     grid = (h // stride, w // stride)
     encoder = encoder.eval()
@@ -203,20 +212,37 @@ def segmentation_probe_dice(
         ftr, fte = hyper(train_x), hyper(test_x)
         mu, sd = ftr.mean((0, 2, 3), keepdim=True), ftr.std((0, 2, 3), keepdim=True).clamp_min(1e-6)
         ftr, fte = (ftr - mu) / sd, (fte - mu) / sd
-    gen = torch.Generator().manual_seed(seed)
     head = nn.Conv2d(ftr.shape[1], num_classes, 1)
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(head(x), size=(h, w), mode="bilinear", align_corners=False)
+
+    if optimizer == "lbfgs":
+        head, ftr, fte = head.double(), ftr.double(), fte.double()
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+        opt = torch.optim.LBFGS(head.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = F.cross_entropy(logits(ftr), train_y) + 0.5 * weight_decay * head.weight.pow(2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * 0.01)
+            head.bias.zero_()
+        opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
+        for _ in range(steps):
+            loss = F.cross_entropy(logits(ftr), train_y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
     with torch.no_grad():
-        head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * 0.01)
-        head.bias.zero_()
-    opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
-    for _ in range(steps):
-        logits = F.interpolate(head(ftr), size=(h, w), mode="bilinear", align_corners=False)
-        loss = F.cross_entropy(logits, train_y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        pred = F.interpolate(head(fte), size=(h, w), mode="bilinear", align_corners=False).argmax(1)
+        pred = logits(fte).argmax(1)
     return mean_dice(pred, test_y, num_classes)
 
 

@@ -147,9 +147,69 @@ def test_segmentation_probe_reaches_dice_one_with_label_features():
         labels[i, 4 + i:20 + i, 8:24] = 1 + i % 2
     onehot = {i: F.one_hot(labels[i], 3).permute(2, 0, 1).float() for i in range(6)}
     images = torch.arange(6.0).view(6, 1, 1, 1).expand(6, 1, 32, 32).contiguous()
-    dice = segmentation_probe_dice(_OracleEncoder(onehot), (0.0,) * 3, (1.0,) * 3, images[:4], labels[:4],
-                                   images[4:], labels[4:], num_classes=3, steps=150, stride=4)
-    assert dice > 0.95
+    for optimizer in ("lbfgs", "adam"):
+        dice = segmentation_probe_dice(_OracleEncoder(onehot), (0.0,) * 3, (1.0,) * 3, images[:4], labels[:4],
+                                       images[4:], labels[4:], num_classes=3, steps=150, stride=4,
+                                       optimizer=optimizer)
+        assert dice > 0.95, optimizer
+    with pytest.raises(ValueError, match="optimizer must be"):
+        segmentation_probe_dice(_OracleEncoder(onehot), (0.0,) * 3, (1.0,) * 3, images[:4], labels[:4],
+                                images[4:], labels[4:], num_classes=3, optimizer="sgd")
+
+
+class _RandomStages(nn.Module):
+    """A fixed random conv and its average pools at strides 4..32: features that do not separate the labels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        y = torch.tanh(self.conv(x))
+        return [y] + [F.avg_pool2d(y, s) for s in (4, 8, 16, 32)]
+
+
+def test_segmentation_probe_returns_the_minimiser_of_its_objective():
+    """The default (L-BFGS) probe answers with the minimiser of cross-entropy + wd / 2 |W|^2, found here
+    independently by SciPy's L-BFGS-B on the same features; the same answer on 1 and 2 threads."""
+    from scipy.optimize import minimize
+
+    from lvmmed_monai.evaluation import _levels
+
+    torch.manual_seed(0)
+    enc = _RandomStages().eval()
+    x = torch.rand(6, 3, 32, 32)
+    y = (torch.rand(6, 32, 32) * 3).long()
+    y[:, 8:24, 8:24] = 1  # some structure
+    wd = 0.05
+    dice = segmentation_probe_dice(enc, (0.5,) * 3, (0.25,) * 3, x[:4], y[:4], x[4:], y[4:], num_classes=3,
+                                   stride=4, weight_decay=wd)
+    with torch.no_grad():
+        ftr, fte = (_levels(enc, (v - 0.5) / 0.25, (8, 8)).double() for v in (x[:4], x[4:]))
+        mu, sd = ftr.mean((0, 2, 3), keepdim=True), ftr.std((0, 2, 3), keepdim=True)
+        ftr, fte = (ftr - mu) / sd, (fte - mu) / sd
+    c = ftr.shape[1]
+
+    def objective(theta):
+        t = torch.tensor(theta, requires_grad=True)
+        w, b = t[: 3 * c].view(3, c, 1, 1), t[3 * c:]
+        out = F.interpolate(F.conv2d(ftr, w, b), size=(32, 32), mode="bilinear", align_corners=False)
+        loss = F.cross_entropy(out, y[:4]) + 0.5 * wd * w.pow(2).sum()
+        loss.backward()
+        return loss.item(), t.grad.numpy()
+
+    theta = minimize(objective, np.zeros(3 * c + 3), jac=True, method="L-BFGS-B", options={"gtol": 1e-10}).x
+    w, b = torch.tensor(theta[: 3 * c]).view(3, c, 1, 1), torch.tensor(theta[3 * c:])
+    pred = F.interpolate(F.conv2d(fte, w, b), size=(32, 32), mode="bilinear", align_corners=False).argmax(1)
+    assert dice == pytest.approx(mean_dice(pred, y[4:], 3), abs=1e-9)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if threads > 1 else 2)
+        again = segmentation_probe_dice(enc, (0.5,) * 3, (0.25,) * 3, x[:4], y[:4], x[4:], y[4:], num_classes=3,
+                                        stride=4, weight_decay=wd)
+    finally:
+        torch.set_num_threads(threads)
+    assert again == pytest.approx(dice, abs=1e-9)
 
 
 

@@ -146,9 +146,8 @@ class LVMMedLoss(nn.Module):
             raise ValueError(f"edge_form must be one of {list(EDGE_FORMS)} and gcn_form one of {list(GCN_FORMS)}, "
                              f"got {edge_form!r} and {gcn_form!r}")
         self.imle_step, self.edge_form, self.gcn_form = imle_step, edge_form, gcn_form
-        if local_weights is not None:
-            check_local_weights(local_weights, len(local_weights))
-        self.local_weights = None if local_weights is None else [float(w) for w in local_weights]
+        # validated here (finite, >= 0, not all zero); their count is checked against the maps in affinities
+        self.local_weights = None if local_weights is None else check_local_weights(local_weights, len(local_weights))
         num_kept(gamma, 1)  # validates gamma
         self.projector = Projector(in_dim, proj_dim, projector_hidden_dim)
         self.gcn = (GCN(proj_dim, gcn_dim, gcn_dim, num_layers=2, final_activation=GCN_FORMS[gcn_form][2])

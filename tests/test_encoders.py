@@ -84,6 +84,60 @@ def test_zero_init_residual_makes_every_block_the_identity_at_init(one_thread):
         build_encoder("lvmmed_vit_b", 64, zero_init_residual=True)
 
 
+def test_frozen_stages_get_no_update_and_keep_their_batchnorm_statistics(one_thread):
+    """frozen_stages=1: an Adam step in train mode changes layer2 onwards (weights and BatchNorm statistics)
+    and leaves the stem and layer1 bit for bit (parameters and buffers), as mmdet's ResNet(frozen_stages=1)."""
+    from lvmmed_monai.engines import build_encoder
+
+    torch.manual_seed(0)
+    enc = build_encoder("lvmmed_resnet50", 64, frozen_stages=1)
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    opt = torch.optim.Adam([p for p in enc.parameters() if p.requires_grad], lr=1e-2)
+    enc.train()
+    assert not enc.bn1.training and not enc.layer1.training and enc.layer2.training and enc.training
+    enc.feature_map(torch.rand(4, 3, 64, 64)).square().mean().backward()
+    opt.step()
+    after = enc.state_dict()
+    frozen = [k for k in before if k.split(".")[0] in ("conv1", "bn1", "layer1")]
+    assert len(frozen) == 6 + 3 * 18 + 6  # stem conv + BN (5 tensors); 3 bottlenecks of 3 conv + 3 BN; downsample
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    for k in ("layer2.0.conv1.weight", "layer2.0.bn1.running_mean", "layer4.2.bn3.weight"):
+        assert not torch.equal(before[k], after[k]), k
+    assert all(p.grad is None for p in enc.layer1.parameters())
+    # modules swapped in later (synchronised BatchNorm for multi-process runs, CUDA's and ours for CPU) stay frozen
+    from lvmmed_monai.engines.distributed import GlobalBatchNorm2d, convert_sync_batchnorm
+
+    layer2_bn = enc.layer2[0].bn1.weight
+    cpu = convert_sync_batchnorm(enc, torch.device("cpu")).train()
+    assert isinstance(cpu.bn1, GlobalBatchNorm2d) and isinstance(cpu.layer1[0].bn1, GlobalBatchNorm2d)
+    assert not cpu.bn1.training and not cpu.layer1[0].bn1.training and cpu.layer2[0].bn1.training
+    assert not any(p.requires_grad for p in cpu.layer1.parameters()) and not cpu.bn1.weight.requires_grad
+    assert cpu.layer2[0].bn1.weight is layer2_bn  # the same parameter objects (the optimizer's references hold)
+    assert all(torch.equal(v, after[k]) for k, v in cpu.state_dict().items())
+    enc = torch.nn.SyncBatchNorm.convert_sync_batchnorm(enc).train()
+    assert isinstance(enc.bn1, torch.nn.SyncBatchNorm) and not enc.bn1.training and enc.layer2[0].bn1.training
+    # -1 (default) freezes nothing; loaded weights are frozen as loaded
+    assert all(p.requires_grad for p in build_encoder("lvmmed_resnet50", 64).parameters())
+    loaded = build_encoder("lvmmed_resnet50", 64, weights=before, frozen_stages=4)
+    assert not any(p.requires_grad for p in loaded.parameters())
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize("bad", [5, -2, True, 1.0, "1"])
+def test_frozen_stages_rejects_bad_values(bad):
+    from lvmmed_monai.engines import build_encoder
+
+    with pytest.raises(ValueError, match="frozen_stages"):
+        build_encoder("lvmmed_resnet50", 64, frozen_stages=bad)
+
+
+def test_frozen_stages_is_for_the_resnet_only():
+    from lvmmed_monai.engines import build_encoder
+
+    with pytest.raises(ValueError, match="frozen_stages applies to lvmmed_resnet50 only"):
+        build_encoder("lvmmed_vit_b", 64, frozen_stages=1)
+
+
 @pytest.mark.parametrize("name", ["lvmmed_resnet50", "lvmmed_vit_b"])
 def test_encoder_facts_are_what_the_encoder_computes(name):
     """Each encoder class states its facts once (lvmmed_monai.encoders); they must match a real forward pass."""

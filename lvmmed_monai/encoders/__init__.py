@@ -62,12 +62,15 @@ def input_normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]
 
 
 def build_encoder(
-    name: str, image_size: int, weights: str | None = None, zero_init_residual: bool = False
+    name: str, image_size: int, weights: str | None = None, zero_init_residual: bool = False,
+    frozen_stages: int = -1,
 ) -> nn.Module:
     """The encoder to pretrain (3 input channels, the official layouts' stem); the ViT gets ``img_size``
     tables for ``image_size`` and its SAM neck, unused by ``feature_map``, is frozen (DDP needs every
     trainable parameter to get a gradient). ``zero_init_residual`` (ResNet-50, random init only): every
-    residual block starts as the identity (see :class:`~lvmmed_monai.encoders.LVMMedResNet50`)."""
+    residual block starts as the identity; ``frozen_stages`` (ResNet-50; -1 = none): the stem and the first
+    stages get no gradient and keep their BatchNorm statistics (both: see
+    :class:`~lvmmed_monai.encoders.LVMMedResNet50`)."""
     image_size = as_int(image_size, "image_size")
     cls = _encoder_class(name)
     kwargs = {"img_size": image_size} if cls.sized_by_image else {}
@@ -75,6 +78,10 @@ def build_encoder(
         if "zero_init_residual" not in inspect.signature(cls).parameters:
             raise ValueError(f"zero_init_residual applies to lvmmed_resnet50 only, not {name!r}; set it to false")
         kwargs["zero_init_residual"] = True
+    if frozen_stages != -1:
+        if "frozen_stages" not in inspect.signature(cls).parameters:
+            raise ValueError(f"frozen_stages applies to lvmmed_resnet50 only, not {name!r}; set it to -1")
+        kwargs["frozen_stages"] = frozen_stages
     encoder = load_encoder(name, weights=weights, in_channels=3, **kwargs)
     if hasattr(encoder, "neck"):
         encoder.neck.requires_grad_(False)

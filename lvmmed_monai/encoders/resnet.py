@@ -40,6 +40,12 @@ class LVMMedResNet50(ResNetFeatures, BaseEncoder, LoadsWeights):
             al. 2017; MoCo v3 pretrains so). MONAI's ``ResNetFeatures`` has no such option. Ignored when
             ``weights`` are loaded.
         check_finite: refuse a checkpoint whose tensors hold NaN or Inf (False loads it anyway).
+        frozen_stages: -1 (default) trains everything; ``s >= 0`` freezes the stem (0) and ``layer1`` ..
+            ``layer{s}``: their parameters get no gradient and their BatchNorm stays in eval mode through
+            ``train()``, so their running statistics stay as loaded or initialised (mmdet / mmpretrain
+            ResNet's ``frozen_stages``; MONAI's ``ResNetFeatures`` has no such option). Why: pretraining from
+            random init at a small budget, GM-SSL's gradient made the early stages' maps worse for
+            segmentation than their random init (docs/ssl.md, "Freezing the early stages").
     """
 
     weights_layout = "torchvision_resnet50"
@@ -65,6 +71,7 @@ class LVMMedResNet50(ResNetFeatures, BaseEncoder, LoadsWeights):
         strict: bool = True,
         zero_init_residual: bool = False,
         check_finite: bool = True,
+        frozen_stages: int = -1,
     ) -> None:
         if spatial_dims != 2:
             raise ValueError(
@@ -73,6 +80,9 @@ class LVMMedResNet50(ResNetFeatures, BaseEncoder, LoadsWeights):
             )
         if in_channels < 1:
             raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+        if isinstance(frozen_stages, bool) or not isinstance(frozen_stages, int) or not -1 <= frozen_stages <= 4:
+            raise ValueError(f"frozen_stages must be an int in [-1, 4] (-1: none, 0: the stem, s: the stem and "
+                             f"layer1 .. layer<s>), got {frozen_stages!r}")
         super().__init__("resnet50", pretrained=False, spatial_dims=2, in_channels=in_channels)
         self.load_report: LoadReport | None = None
         if zero_init_residual:
@@ -86,6 +96,24 @@ class LVMMedResNet50(ResNetFeatures, BaseEncoder, LoadsWeights):
                 "pretrained=True needs a weights file: LVM-Med weights are never downloaded implicitly. Build "
                 "lvmmed_monai.networks.LVMMedFlexibleUNet(..., weights=PATH) or call encoder.load_weights(PATH)."
             )
+        self.frozen_stages = frozen_stages
+        for module in self.frozen_modules():
+            module.requires_grad_(False)
+        self.train(self.training)
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        """The modules that ``frozen_stages`` freezes, stem first (looked up at call time, so modules replaced
+        later, e.g. by ``SyncBatchNorm.convert_sync_batchnorm``, stay frozen)."""
+        if self.frozen_stages < 0:
+            return []
+        return [self.conv1, self.bn1] + [getattr(self, f"layer{i}") for i in range(1, self.frozen_stages + 1)]
+
+    def train(self, mode: bool = True) -> LVMMedResNet50:
+        """``nn.Module.train``, with the frozen stages kept in eval mode."""
+        super().train(mode)
+        for module in self.frozen_modules():
+            module.eval()
+        return self
 
     def level_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The maps of :attr:`level_channels` (stem, layer1 .. layer4), as MONAI's ``ResNetFeatures`` returns them."""

@@ -80,14 +80,21 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
 
 def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
     """Replace every BatchNorm2d by a synchronised one: ``nn.SyncBatchNorm`` on CUDA, else
-    :class:`GlobalBatchNorm2d` (parameters and buffers are kept)."""
+    :class:`GlobalBatchNorm2d`. As ``nn.SyncBatchNorm.convert_sync_batchnorm`` does, the new module takes the
+    old one's parameter objects (so their ``requires_grad``, e.g. of frozen stages, and optimizer references
+    stay), its buffers and its train / eval mode."""
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     if type(module) is nn.BatchNorm2d:
         new = GlobalBatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
                                 module.track_running_stats)
-        new.load_state_dict(module.state_dict())
-        return new.to(next(iter(module.state_dict().values())).device) if module.state_dict() else new
+        if module.affine:
+            new.weight, new.bias = module.weight, module.bias
+        if module.track_running_stats:
+            new.running_mean, new.running_var = module.running_mean, module.running_var
+            new.num_batches_tracked = module.num_batches_tracked
+        new.train(module.training)
+        return new
     for name, child in module.named_children():
         module.add_module(name, convert_sync_batchnorm(child, device))
     return module

@@ -84,6 +84,10 @@ def test_two_iteration_run_writes_encoder_and_full_checkpoint(two_iterations):
     state = encoder.state_dict()
     assert all(torch.equal(state[k], final["encoder"][k]) for k in state)  # the export is the trained encoder
     assert not torch.equal(first["encoder"]["layer4.2.conv3.weight"], final["encoder"]["layer4.2.conv3.weight"])
+    # train.yaml's frozen_stages (1 for the ResNet-50): the stem and layer1 keep weights and BatchNorm statistics
+    frozen = [k for k in final["encoder"] if k.split(".")[0] in ("conv1", "bn1", "layer1")]
+    assert len(frozen) == 66 and all(torch.equal(first["encoder"][k], final["encoder"][k]) for k in frozen)
+    assert not torch.equal(first["encoder"]["layer2.0.bn1.running_mean"], final["encoder"]["layer2.0.bn1.running_mean"])
     loss = _scalars(out / "logs", "loss")
     assert sorted(loss) == [1, 2] and all(0 <= v <= 2 * 8 for v in loss.values())
     assert _scalars(out / "logs", "epoch_loss") == {1: pytest.approx((loss[1] + loss[2]) / 2)}  # epoch means
@@ -262,11 +266,11 @@ def test_paper_preset_holds_the_papers_values_and_runs_two_iterations_at_a_tiny_
     parser.read_config([TRAIN, PAPER])
     method = {k: parser[k] for k in ("image_size", "batch_size", "graph_size", "k", "alpha", "lam", "noise_scale",
                                      "first_order_warmup", "edge_form", "gcn_form", "local_crops", "max_epochs",
-                                     "lr", "lr_halvings", "imle_step", "views")}
+                                     "lr", "lr_halvings", "imle_step", "views", "frozen_stages")}
     assert method == {"image_size": 224, "batch_size": 3072, "graph_size": 16, "k": 5, "alpha": 0.8, "lam": 80.0,
                       "noise_scale": 1.0, "first_order_warmup": 0, "edge_form": "paper", "gcn_form": "paper",
                       "local_crops": 6, "max_epochs": 100, "lr": 0.002, "lr_halvings": 4, "imle_step": "per_graph",
-                      "views": {}}
+                      "views": {}, "frozen_stages": -1}
     assert 3072 % (16 * 16) == 0 and 3200 % (16 * 16) != 0  # whole graphs on each of 16 processes
     configs = f"['{TRAIN}','{PAPER}']"
     sizes = {"data": tiny["overrides"]["data"], "cache_dir": tiny["overrides"]["cache_dir"], "image_size": 32,
